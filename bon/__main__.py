@@ -1,0 +1,3 @@
+from bon.cli import main
+
+main()

@@ -1,0 +1,86 @@
+"""`bon`: one command, with a subcommand per job (serve, export-samples)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from pydantic import ValidationError
+
+
+def _add_serve(commands) -> None:
+    from server.settings import Settings
+
+    serve = commands.add_parser("serve", help="serve best-of-N over an OpenAI-compatible HTTP API")
+    for name, field in Settings.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        help_text = f"{field.description or ''} (env BON_{name.upper()})"
+        if field.annotation is bool:
+            serve.add_argument(flag, action="store_true", default=argparse.SUPPRESS, help=help_text)
+        elif name == "api_key":
+            serve.add_argument(flag, action="append", default=argparse.SUPPRESS, help=help_text + "; repeatable")
+        else:
+            serve.add_argument(flag, default=argparse.SUPPRESS, help=help_text)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from server.app import build_app
+    from server.checkpoints import CheckpointError
+    from server.policy import load_policy
+    from server.reward import load_reward_model
+    from server.settings import Settings
+
+    given = {k: v for k, v in vars(args).items() if k not in ("command", "func")}
+    try:
+        settings = Settings(**given)
+    except ValidationError as error:
+        first = error.errors()[0]
+        flag = "--" + str(first["loc"][0]).replace("_", "-")
+        print(f"bon serve: {flag}: {first['msg']}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger(__name__).info("configuration: %s", settings.redacted())
+    try:
+        policy = load_policy(settings.policy, settings.device, settings.dtype)
+        reward_model = load_reward_model(settings.reward_model, settings.device, settings.dtype)
+    except CheckpointError as error:
+        print(f"bon serve: {error}", file=sys.stderr)
+        return 2
+    app = build_app(settings, policy, reward_model)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level)
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from server.export import export_samples
+
+    try:
+        count = export_samples(args.sample_log, args.output, args.format)
+    except FileNotFoundError as error:
+        print(f"bon export-samples: {error}", file=sys.stderr)
+        return 2
+    print(f"wrote {count} candidates to {args.output}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bon", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    _add_serve(commands)
+    commands.choices["serve"].set_defaults(func=_serve)
+
+    export = commands.add_parser("export-samples", help="write the candidate log as JSONL or Parquet")
+    export.add_argument("--sample-log", type=Path, required=True, help="the SQLite file bon serve wrote")
+    export.add_argument("--format", choices=["jsonl", "parquet"], default="jsonl")
+    export.add_argument("-o", "--output", type=Path, required=True)
+    export.set_defaults(func=_export)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    sys.exit(args.func(args))

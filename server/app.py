@@ -1,0 +1,271 @@
+"""The FastAPI application: routes, auth, readiness, metrics, and the engines' life cycle."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+import uuid
+from contextlib import asynccontextmanager
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.responses import Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+
+from server import errors, metrics
+from server.batching import BatcherClosed, QueueFull
+from server.errors import APIError, error_response
+from server.hf_sampler import TransformersSampler
+from server.policy import Policy
+from server.protocol import ChatCompletionRequest, CompletionRequest, ScoreRequest
+from server.responses import as_stream, chat_body, completion_body
+from server.reward import RewardModel
+from server.sample_log import SampleLog
+from server.sampling import SamplingParams
+from server.scorer import BatchedScorer
+from server.service import BestOfN
+from server.settings import Settings
+
+log = logging.getLogger(__name__)
+
+ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/score", "/v1/models", "/health", "/ready")
+RETRY_AFTER_SECONDS = 1
+# How often a waiting handler checks whether its client is still there.
+DISCONNECT_POLL_SECONDS = 0.1
+
+
+class _RequestMetrics:
+    """Pure ASGI middleware (not BaseHTTPMiddleware, which breaks disconnect detection)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["path"] not in ROUTES:
+            return await self.app(scope, receive, send)
+        route, start, status = scope["path"], time.perf_counter(), {"code": 499}
+
+        async def send_recording(message):
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_recording)
+        finally:
+            metrics.REQUESTS.labels(route=route, status=str(status["code"])).inc()
+            metrics.REQUEST_SECONDS.labels(route=route).observe(time.perf_counter() - start)
+
+
+def _service(request: Request) -> BestOfN:
+    if not request.app.state.ready:
+        raise APIError(503, "the models are still warming up; retry shortly", code="not_ready",
+                       headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
+    return request.app.state.service
+
+
+Service = Annotated[BestOfN, Depends(_service)]
+
+
+def _authorize(request: Request) -> None:
+    keys: list[str] = request.app.state.api_keys
+    if not keys:
+        return
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not any(secrets.compare_digest(token, k) for k in keys):
+        raise APIError(401, "missing or invalid API key (send Authorization: Bearer <key>)", code="invalid_api_key")
+
+
+def _check_model(request: Request, model: str | None) -> None:
+    names = request.app.state.model_names
+    if model is not None and model not in names:
+        raise APIError(404, f"the model {model!r} does not exist; this server serves {names[0]!r}", "model",
+                       "model_not_found")
+
+
+async def _until_disconnect(request: Request, work):
+    """Run `work`, cancelling it (and so dropping its queued batches) if the client goes away."""
+    task = asyncio.ensure_future(work)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_SECONDS)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                task.cancel()
+                raise APIError(499, "client closed the request")
+    except QueueFull as full:
+        raise APIError(429, f"server overloaded: {full}", code="overloaded",
+                       headers={"Retry-After": str(RETRY_AFTER_SECONDS)}) from None
+    except BatcherClosed:
+        raise APIError(503, "server is shutting down", code="shutting_down") from None
+    finally:
+        task.cancel()
+
+
+router = APIRouter(prefix="/v1", dependencies=[Depends(_authorize)])
+
+
+@router.get("/models")
+async def list_models(request: Request, service: Service) -> dict:
+    """The served model, with the loaded policy and reward-model versions."""
+    return {
+        "object": "list",
+        "data": [
+            {
+                "id": request.app.state.model_names[0],
+                "object": "model",
+                "created": request.app.state.started,
+                "owned_by": "bon",
+                "root": str(service.policy.path),
+                "policy_version": service.policy.version,
+                "reward_model": str(service.reward_model.path),
+                "reward_model_version": service.reward_model.version,
+            }
+        ],
+    }
+
+
+def _params(request: Request, service: Service, body, prompts) -> tuple[SamplingParams, int]:
+    max_tokens = service.resolve_max_tokens(prompts, body.max_tokens, request.app.state.default_max_tokens)
+    service.check_best_of(body.best_of, max_tokens, prompts)
+    return body.sampling_params(max_tokens), max_tokens
+
+
+def _maybe_stream(body: dict, stream: bool):
+    return StreamingResponse(as_stream(body), media_type="text/event-stream") if stream else body
+
+
+@router.post("/completions")
+async def completions(body: CompletionRequest, request: Request, service: Service):
+    """Best-of-N text completion for one prompt or a list of prompts."""
+    _check_model(request, body.model)
+    prompts = [service.text_prompt(p) for p in body.prompts()]
+    params, _ = _params(request, service, body, prompts)
+    request_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+    results = await _until_disconnect(
+        request, service.run(request_id, prompts, params, body.n, body.best_of, body.log)
+    )
+    response = completion_body(
+        request_id, created, body.model, service.fingerprint, results, body.n, body.return_candidates
+    )
+    return _maybe_stream(response, body.stream)
+
+
+@router.post("/chat/completions")
+async def chat_completions(body: ChatCompletionRequest, request: Request, service: Service):
+    """Best-of-N chat completion; the RM reads the conversation through its own chat template."""
+    _check_model(request, body.model)
+    prompt = service.chat_prompt([m.plain() for m in body.messages])
+    params, _ = _params(request, service, body, [prompt])
+    request_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+    [result] = await _until_disconnect(
+        request, service.run(request_id, [prompt], params, body.n, body.best_of, body.log)
+    )
+    response = chat_body(request_id, created, body.model, service.fingerprint, result, body.return_candidates)
+    return _maybe_stream(response, body.stream)
+
+
+@router.post("/score")
+async def score(body: ScoreRequest, request: Request, service: Service) -> dict:
+    """Rewards of given responses (one prompt, many responses; or unrelated pairs), in input order."""
+    _check_model(request, body.model)
+    rm = service.reward_model
+    inputs = []
+    for index, pair in enumerate(body.as_pairs()):
+        if isinstance(pair.prompt, str):
+            ids = rm.encode_completion(pair.prompt, pair.response)
+        else:
+            messages = [m.plain() for m in pair.prompt]
+            ids = rm.encode_chat(messages, pair.response, fallback_prompt=service.render_messages(messages))
+        if len(ids) > rm.max_length:
+            field = "pairs" if body.pairs is not None else "responses"
+            raise APIError(
+                400,
+                f"{field}[{index}] is {len(ids)} tokens for the reward model, over its limit of "
+                f"{rm.max_length}; /v1/score does not truncate",
+                field,
+                "context_length_exceeded",
+            )
+        inputs.append(ids)
+    rewards = await _until_disconnect(request, service.scorer.score(inputs))
+    return {
+        "object": "list",
+        "model": request.app.state.model_names[0],
+        "reward_model": str(rm.path),
+        "data": [{"index": i, "reward": r} for i, r in enumerate(rewards)],
+    }
+
+
+async def _warm_up(app: FastAPI, service: BestOfN) -> None:
+    """One forward through each model, so /ready means a request will not pay first-call costs."""
+    try:
+        prompt = service.text_prompt("Hello")
+        await service.run("warmup", [prompt], SamplingParams(max_tokens=1), n=1, best_of=1, log=False)
+        app.state.ready = True
+        log.info("ready: policy %s, reward model %s", service.policy.path, service.reward_model.path)
+    except Exception:
+        log.exception("warm-up failed; the server stays not ready")
+
+
+def build_app(settings: Settings, policy: Policy, reward_model: RewardModel) -> FastAPI:
+    """Wire loaded models into engines and routes. Models are loaded (and checked) by the caller,
+    so a bad checkpoint stops `bon serve` before it binds a port."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        sample_log = None if settings.no_sample_log else SampleLog(
+            settings.sample_log, settings.sample_log_flush_seconds
+        )
+        service = BestOfN(
+            policy=policy,
+            reward_model=reward_model,
+            sampler=TransformersSampler(policy, settings.max_batch_tokens, settings.max_queued_requests),
+            scorer=BatchedScorer(reward_model, settings.max_batch_tokens, settings.max_queued_requests),
+            sample_log=sample_log,
+            max_best_of=settings.max_best_of,
+            max_batch_tokens=settings.max_batch_tokens,
+        )
+        app.state.service = service
+        for role, model in (("policy", policy), ("reward_model", reward_model)):
+            metrics.MODEL_INFO.labels(role=role, path=str(model.path), version=model.version).set(1)
+        warm_up = asyncio.create_task(_warm_up(app, service))
+        try:
+            yield
+        finally:
+            warm_up.cancel()
+            await service.close()
+            if sample_log is not None:
+                sample_log.close()  # SIGTERM ends here: everything queued is committed first
+                log.info("candidate log flushed to %s", sample_log.path)
+
+    app = FastAPI(title="bon", lifespan=lifespan)
+    app.state.ready = False
+    app.state.started = int(time.time())
+    app.state.api_keys = [key.get_secret_value() for key in settings.api_key]
+    app.state.default_max_tokens = settings.default_max_tokens
+    app.state.model_names = [settings.model_name, str(policy.path)]
+    errors.install(app)
+
+    @app.get("/health")
+    async def health() -> dict:
+        """The process is up (it may still be warming up)."""
+        return {"status": "ok"}
+
+    @app.get("/ready")
+    async def ready():
+        """Both models are loaded and one warm-up forward has run."""
+        if not app.state.ready:
+            return error_response(503, "warming up", code="not_ready")
+        return {"status": "ready", "policy": str(policy.path), "reward_model": str(reward_model.path)}
+
+    @app.get("/metrics")
+    async def prometheus_metrics() -> Response:
+        """Prometheus text format (a route rather than a mount, which would redirect to /metrics/)."""
+        return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
+
+    app.include_router(router)
+    app.add_middleware(_RequestMetrics)
+    return app

@@ -1,0 +1,137 @@
+"""A token-budget batcher: concurrent requests share one model call, bounded by tokens not count.
+
+Jobs wait in a bounded queue (full -> `QueueFull`, which the API turns into 429 with Retry-After).
+One worker takes queued jobs in arrival order until the next would overflow the token budget,
+skips jobs whose caller went away, and runs the batch on its own thread so the event loop keeps
+serving HTTP meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+from server import metrics
+
+Job = TypeVar("Job")
+Result = TypeVar("Result")
+
+
+class QueueFull(Exception):
+    """The batcher's queue is at its bound; the caller should retry later."""
+
+
+class BatcherClosed(Exception):
+    """The batcher stopped before the job ran."""
+
+
+@dataclass
+class _Pending(Generic[Job, Result]):
+    job: Job
+    cost: int  # tokens
+    sequences: int
+    future: asyncio.Future[Result]
+    enqueued: float
+
+
+class TokenBudgetBatcher(Generic[Job, Result]):
+    """Runs `run_batch(jobs) -> results` (same order) on batches whose summed cost fits the budget.
+
+    Args:
+        run_batch: blocking function, called on the batcher's own thread.
+        max_batch_tokens: budget per batch; one job larger than it still runs, alone.
+        max_queued: queued jobs beyond which `submit` raises `QueueFull`.
+        stage: name in metrics ("sampling" or "scoring").
+    """
+
+    def __init__(
+        self,
+        run_batch: Callable[[list[Job]], list[Result]],
+        max_batch_tokens: int,
+        max_queued: int,
+        stage: str,
+    ):
+        self._run_batch = run_batch
+        self._max_batch_tokens = max_batch_tokens
+        self._max_queued = max_queued
+        self._stage = stage
+        self._queue: deque[_Pending[Job, Result]] = deque()
+        self._wakeup = asyncio.Event()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"bon-{stage}")
+        self._worker: asyncio.Task | None = None
+
+    def swap_runner(self, run_batch: Callable[[list[Job]], list[Result]]) -> None:
+        """Use another batch function from the next batch on; the running batch finishes as it began."""
+        self._run_batch = run_batch
+
+    async def submit(self, job: Job, cost: int, sequences: int) -> Result:
+        """Queue `job` (`cost` tokens, `sequences` rows) and wait for its result.
+
+        Cancelling the caller drops the job if it has not run yet.
+        """
+        if self._worker is None:
+            self._worker = asyncio.get_running_loop().create_task(self._work())
+        if len(self._queue) >= self._max_queued:
+            raise QueueFull(f"{self._stage} queue is full ({self._max_queued} requests waiting)")
+        future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
+        if hasattr(job, "cancelled"):
+            # Jobs that can stop midway (sampling) poll this from the engine thread between steps.
+            job.cancelled = future.cancelled
+        self._queue.append(_Pending(job, cost, sequences, future, time.monotonic()))
+        self._wakeup.set()
+        return await future
+
+    def _next_batch(self) -> list[_Pending[Job, Result]]:
+        batch: list[_Pending[Job, Result]] = []
+        tokens = 0
+        while self._queue:
+            head = self._queue[0]
+            if head.future.cancelled():  # the client went away while queued
+                self._queue.popleft()
+                metrics.DROPPED.labels(stage=self._stage).inc()
+                continue
+            if batch and tokens + head.cost > self._max_batch_tokens:
+                break
+            batch.append(self._queue.popleft())
+            tokens += head.cost
+        return batch
+
+    async def _work(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            while batch := self._next_batch():
+                now = time.monotonic()
+                for pending in batch:
+                    metrics.QUEUE_WAIT.labels(stage=self._stage).observe(now - pending.enqueued)
+                metrics.BATCH_SEQUENCES.labels(stage=self._stage).observe(sum(p.sequences for p in batch))
+                metrics.BATCH_TOKENS.labels(stage=self._stage).observe(sum(p.cost for p in batch))
+                run_batch = self._run_batch
+                try:
+                    with metrics.STAGE_SECONDS.labels(stage=self._stage).time():
+                        results = await loop.run_in_executor(
+                            self._executor, run_batch, [p.job for p in batch]
+                        )
+                except Exception as error:  # the batch failed: fail its callers, keep serving
+                    for pending in batch:
+                        if not pending.future.done():
+                            pending.future.set_exception(error)
+                    continue
+                for pending, result in zip(batch, results):
+                    if not pending.future.done():
+                        pending.future.set_result(result)
+
+    async def close(self) -> None:
+        if self._worker is not None:
+            self._worker.cancel()
+        while self._queue:
+            pending = self._queue.popleft()
+            if not pending.future.done():
+                pending.future.set_exception(BatcherClosed(f"{self._stage} engine stopped"))
+        self._executor.shutdown(wait=True)

@@ -1,0 +1,63 @@
+"""What the policy and the reward model have in common: identity, dtype, context length."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from transformers import PretrainedConfig, PreTrainedTokenizerBase
+
+DTYPES = {"auto": "auto", "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class CheckpointError(ValueError):
+    """A model directory that cannot be served as asked; the message says what to change."""
+
+
+def model_version(path: Path) -> str:
+    """A short, stable identity of a checkpoint's files (names, sizes, modification times).
+
+    A RAFT manifest's own version wins when present. Hashing the weights themselves would be exact
+    but reads gigabytes at every start; a new checkpoint is a new directory anyway.
+    """
+    manifest = path / "raft_manifest.json"
+    if manifest.is_file():
+        version = json.loads(manifest.read_text()).get("version")
+        if version:
+            return str(version)
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        stat = file.stat()
+        digest.update(f"{file.relative_to(path)}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:12]
+
+
+def context_length(config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase) -> int:
+    """The longest sequence the model takes: its position limit, or the tokenizer's if smaller."""
+    text_config = config.get_text_config()
+    limits = [
+        getattr(text_config, name, None) for name in ("max_position_embeddings", "n_positions", "seq_length")
+    ]
+    # Tokenizers without a limit report a huge sentinel (int(1e30)); ignore it.
+    if tokenizer.model_max_length and tokenizer.model_max_length < 10**7:
+        limits.append(tokenizer.model_max_length)
+    known = [int(n) for n in limits if n]
+    if not known:
+        raise CheckpointError(f"cannot tell the context length of {config.name_or_path}: set max_position_embeddings")
+    return min(known)
+
+
+def checkpoint_dir(path: str | Path, role: str, flag: str) -> Path:
+    """Resolve a local HF directory, naming the flag when it is not one (no hub is consulted)."""
+    resolved = Path(path).expanduser().resolve()
+    if not (resolved / "config.json").is_file():
+        raise CheckpointError(f"{role} {path!r} is not a Hugging Face model directory (no config.json); set {flag}")
+    return resolved
+
+
+def torch_dtype(name: str):
+    if name not in DTYPES:
+        raise CheckpointError(f"unknown --dtype {name!r}; choose one of {', '.join(DTYPES)}")
+    return DTYPES[name]

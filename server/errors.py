@@ -1,0 +1,79 @@
+"""The OpenAI error envelope for every failure: {"error": {"message", "type", "param", "code"}}.
+
+FastAPI's default 422 `{"detail": [...]}` becomes a 400 naming the field; unexpected exceptions
+become a 500 whose body says nothing of the internals (the traceback goes to the server log).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+
+log = logging.getLogger(__name__)
+
+_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    429: "rate_limit_error",
+    503: "service_unavailable",
+}
+
+
+class APIError(Exception):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers
+
+
+def error_response(
+    status: int, message: str, param: str | None = None, code: str | None = None, headers=None
+) -> JSONResponse:
+    body = {"message": message, "type": _TYPES.get(status, "server_error"), "param": param, "code": code}
+    return JSONResponse({"error": body}, status_code=status, headers=headers)
+
+
+def _field(location: tuple) -> str:
+    """('body', 'messages', 0, 'role') -> 'messages.0.role'."""
+    parts = [str(p) for p in location if p not in ("body", "query", "path")]
+    return ".".join(parts)
+
+
+async def _api_error(request: Request, error: APIError) -> JSONResponse:
+    return error_response(error.status, error.message, error.param, error.code, error.headers)
+
+
+async def _validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
+    first = error.errors()[0]
+    field = _field(tuple(first.get("loc", ())))
+    message = first.get("msg", "invalid request").removeprefix("Value error, ")
+    return error_response(400, f"{field}: {message}" if field else message, field or None, "invalid_value")
+
+
+async def _http_error(request: Request, error: HTTPException) -> JSONResponse:
+    return error_response(error.status_code, str(error.detail), headers=getattr(error, "headers", None))
+
+
+async def _internal_error(request: Request, error: Exception) -> JSONResponse:
+    log.exception("internal error on %s %s", request.method, request.url.path)
+    return error_response(500, "internal server error", code="internal_error")
+
+
+def install(app: FastAPI) -> None:
+    app.add_exception_handler(APIError, _api_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(HTTPException, _http_error)
+    app.add_exception_handler(Exception, _internal_error)

@@ -1,0 +1,41 @@
+"""`bon export-samples`: the candidate log as JSONL or Parquet, one record per candidate."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from server.sample_log import read_records
+
+
+def export_record(record: dict) -> dict:
+    """The exported shape: the log's columns under the names the docs promise."""
+    out = dict(record)
+    out["policy"] = {"path": record["policy"], "version": record.pop("policy_version")}
+    out["reward_model"] = {"path": record["reward_model"], "version": record.pop("reward_model_version")}
+    out.pop("policy_version", None)
+    out.pop("reward_model_version", None)
+    return out
+
+
+def export_samples(sample_log: Path, output: Path, fmt: str) -> int:
+    """Write every candidate of `sample_log` to `output`; returns how many were written."""
+    records = [export_record(r) for r in read_records(sample_log)]
+    output.parent.mkdir(parents=True, exist_ok=True)
+    if fmt == "jsonl":
+        with output.open("w") as f:
+            for record in records:
+                f.write(json.dumps(record) + "\n")
+    elif fmt == "parquet":
+        # prompt is a string or a messages list, params a dict of mixed types: keep both as JSON
+        # text so every row has one type.
+        for record in records:
+            record["prompt"] = json.dumps(record["prompt"])
+            record["params"] = json.dumps(record["params"])
+        pq.write_table(pa.Table.from_pylist(records), output)
+    else:
+        raise ValueError(f"unknown format {fmt!r}; choose jsonl or parquet")
+    return len(records)

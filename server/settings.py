@@ -1,0 +1,61 @@
+"""Every serving flag in one place: `bon serve --flag` or the environment variable `BON_FLAG`.
+
+Precedence: command line, then environment, then the defaults below.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="BON_", extra="forbid")
+
+    policy: Path = Field(description="HF causal-LM directory that samples the candidates.")
+    reward_model: Path = Field(description="HF sequence-classification directory with one label.")
+    served_model_name: str | None = Field(
+        None, description="The `model` clients send; defaults to the policy directory's name."
+    )
+    device: str = Field("cpu", description="cpu, cuda or cuda:N.")
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        "auto", description="Weights dtype; auto keeps the checkpoint's."
+    )
+    host: str = Field("127.0.0.1", description="Bind address; loopback unless asked otherwise.")
+    port: int = Field(8000, ge=0, le=65535)
+    # Several keys allowed (rotation); BON_API_KEY takes them comma-separated.
+    api_key: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
+    max_best_of: int = Field(16, ge=1, description="Largest best_of a request may ask for.")
+    max_batch_tokens: int = Field(
+        16384, ge=1, description="Token budget of one batch: prompt once + best_of x max_tokens per prompt."
+    )
+    max_queued_requests: int = Field(
+        256, ge=1, description="Prompts waiting for a batch beyond which requests get 429."
+    )
+    default_max_tokens: int = Field(16, ge=1, description="max_tokens when a request gives none.")
+    sample_log: Path = Field(Path("bon-samples.db"), description="SQLite file of every candidate.")
+    no_sample_log: bool = Field(False, description="Keep no candidate log.")
+    sample_log_flush_seconds: float = Field(
+        0.5, gt=0, le=1.0, description="Longest time a candidate waits to be committed."
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @field_validator("api_key", mode="before")
+    @classmethod
+    def _split_keys(cls, value):
+        if isinstance(value, str):
+            return [key.strip() for key in value.split(",") if key.strip()]
+        return value
+
+    @property
+    def model_name(self) -> str:
+        return self.served_model_name or self.policy.resolve().name
+
+    def redacted(self) -> dict:
+        """The resolved configuration for the start-up log: keys shown as stars, never in clear."""
+        shown = self.model_dump(mode="json")
+        shown["api_key"] = ["***"] * len(self.api_key)
+        return shown
