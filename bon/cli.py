@@ -20,7 +20,9 @@ def _add_serve(commands) -> None:
         if field.annotation is bool:
             serve.add_argument(flag, action="store_true", default=argparse.SUPPRESS, help=help_text)
         elif name == "api_key":
-            serve.add_argument(flag, action="append", default=argparse.SUPPRESS, help=help_text + "; repeatable")
+            serve.add_argument(
+                flag, action="append", default=argparse.SUPPRESS, help=help_text + "; repeatable"
+            )
         else:
             serve.add_argument(flag, default=argparse.SUPPRESS, help=help_text)
 
@@ -42,8 +44,14 @@ def _serve(args: argparse.Namespace) -> int:
         flag = "--" + str(first["loc"][0]).replace("_", "-")
         print(f"bon serve: {flag}: {first['msg']}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     logging.getLogger(__name__).info("configuration: %s", settings.redacted())
+    if settings.torch_threads:
+        import torch
+
+        torch.set_num_threads(settings.torch_threads)
     try:
         policy = load_policy(settings.policy, settings.device, settings.dtype)
         reward_model = load_reward_model(settings.reward_model, settings.device, settings.dtype)

@@ -86,9 +86,7 @@ def train_tokenizer(
         tok.post_processor = processors.TemplateProcessing(
             single=f"{bos} $A", pair=f"{bos} $A $B", special_tokens=[(bos, tok.token_to_id(bos))]
         )
-    hf = PreTrainedTokenizerFast(
-        tokenizer_object=tok, **special
-    )
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, **special)
     if chat_template is not None:
         hf.chat_template = chat_template
     return hf

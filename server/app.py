@@ -59,30 +59,40 @@ class _RequestMetrics:
             metrics.REQUEST_SECONDS.labels(route=route).observe(time.perf_counter() - start)
 
 
-def _service(request: Request) -> BestOfN:
+async def _service(request: Request) -> BestOfN:
     if not request.app.state.ready:
-        raise APIError(503, "the models are still warming up; retry shortly", code="not_ready",
-                       headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
+        raise APIError(
+            503,
+            "the models are still warming up; retry shortly",
+            code="not_ready",
+            headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
+        )
     return request.app.state.service
 
 
 Service = Annotated[BestOfN, Depends(_service)]
 
 
-def _authorize(request: Request) -> None:
+async def _authorize(request: Request) -> None:
     keys: list[str] = request.app.state.api_keys
     if not keys:
         return
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not any(secrets.compare_digest(token, k) for k in keys):
-        raise APIError(401, "missing or invalid API key (send Authorization: Bearer <key>)", code="invalid_api_key")
+        raise APIError(
+            401, "missing or invalid API key (send Authorization: Bearer <key>)", code="invalid_api_key"
+        )
 
 
 def _check_model(request: Request, model: str | None) -> None:
     names = request.app.state.model_names
     if model is not None and model not in names:
-        raise APIError(404, f"the model {model!r} does not exist; this server serves {names[0]!r}", "model",
-                       "model_not_found")
+        raise APIError(
+            404,
+            f"the model {model!r} does not exist; this server serves {names[0]!r}",
+            "model",
+            "model_not_found",
+        )
 
 
 async def _until_disconnect(request: Request, work):
@@ -97,8 +107,12 @@ async def _until_disconnect(request: Request, work):
                 task.cancel()
                 raise APIError(499, "client closed the request")
     except QueueFull as full:
-        raise APIError(429, f"server overloaded: {full}", code="overloaded",
-                       headers={"Retry-After": str(RETRY_AFTER_SECONDS)}) from None
+        raise APIError(
+            429,
+            f"server overloaded: {full}",
+            code="overloaded",
+            headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
+        ) from None
     except BatcherClosed:
         raise APIError(503, "server is shutting down", code="shutting_down") from None
     finally:
@@ -216,13 +230,20 @@ def build_app(settings: Settings, policy: Policy, reward_model: RewardModel) -> 
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        sample_log = None if settings.no_sample_log else SampleLog(
-            settings.sample_log, settings.sample_log_flush_seconds
+        sample_log = (
+            None
+            if settings.no_sample_log
+            else SampleLog(settings.sample_log, settings.sample_log_flush_seconds)
         )
         service = BestOfN(
             policy=policy,
             reward_model=reward_model,
-            sampler=TransformersSampler(policy, settings.max_batch_tokens, settings.max_queued_requests),
+            sampler=TransformersSampler(
+                policy,
+                settings.max_batch_tokens,
+                settings.max_queued_requests,
+                settings.batch_gather_ms / 1000,
+            ),
             scorer=BatchedScorer(reward_model, settings.max_batch_tokens, settings.max_queued_requests),
             sample_log=sample_log,
             max_best_of=settings.max_best_of,

@@ -47,6 +47,7 @@ class TokenBudgetBatcher(Generic[Job, Result]):
         max_batch_tokens: budget per batch; one job larger than it still runs, alone.
         max_queued: queued jobs beyond which `submit` raises `QueueFull`.
         stage: name in metrics ("sampling" or "scoring").
+        gather_seconds: how long an idle batcher waits after the first job for others to join.
     """
 
     def __init__(
@@ -55,11 +56,13 @@ class TokenBudgetBatcher(Generic[Job, Result]):
         max_batch_tokens: int,
         max_queued: int,
         stage: str,
+        gather_seconds: float = 0.0,
     ):
         self._run_batch = run_batch
         self._max_batch_tokens = max_batch_tokens
         self._max_queued = max_queued
         self._stage = stage
+        self._gather_seconds = gather_seconds
         self._queue: deque[_Pending[Job, Result]] = deque()
         self._wakeup = asyncio.Event()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"bon-{stage}")
@@ -106,6 +109,10 @@ class TokenBudgetBatcher(Generic[Job, Result]):
         while True:
             await self._wakeup.wait()
             self._wakeup.clear()
+            if self._gather_seconds:
+                # The engine was idle: give a burst of requests a moment to arrive together rather
+                # than running the first alone and making the rest wait a whole batch for it.
+                await asyncio.sleep(self._gather_seconds)
             while batch := self._next_batch():
                 now = time.monotonic()
                 for pending in batch:
@@ -123,7 +130,7 @@ class TokenBudgetBatcher(Generic[Job, Result]):
                         if not pending.future.done():
                             pending.future.set_exception(error)
                     continue
-                for pending, result in zip(batch, results):
+                for pending, result in zip(batch, results, strict=True):
                     if not pending.future.done():
                         pending.future.set_result(result)
 

@@ -45,7 +45,9 @@ def context_length(config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase)
         limits.append(tokenizer.model_max_length)
     known = [int(n) for n in limits if n]
     if not known:
-        raise CheckpointError(f"cannot tell the context length of {config.name_or_path}: set max_position_embeddings")
+        raise CheckpointError(
+            f"cannot tell the context length of {config.name_or_path}: set max_position_embeddings"
+        )
     return min(known)
 
 
@@ -53,7 +55,9 @@ def checkpoint_dir(path: str | Path, role: str, flag: str) -> Path:
     """Resolve a local HF directory, naming the flag when it is not one (no hub is consulted)."""
     resolved = Path(path).expanduser().resolve()
     if not (resolved / "config.json").is_file():
-        raise CheckpointError(f"{role} {path!r} is not a Hugging Face model directory (no config.json); set {flag}")
+        raise CheckpointError(
+            f"{role} {path!r} is not a Hugging Face model directory (no config.json); set {flag}"
+        )
     return resolved
 
 

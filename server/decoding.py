@@ -23,7 +23,7 @@ class _Row:
 
     request: int  # index into the batch's requests
     tokens: list[int] = field(default_factory=list)
-    text: str | None = None  # set once a stop string cut it
+    text: str | None = None  # set when eos or a stop string ended it
     finish: FinishReason | None = None
 
 
@@ -82,21 +82,31 @@ def generate(
         # Every request draws noise for all its n rows each step, finished or not, so a candidate's
         # draws depend only on its seed and step, never on which rows have left the batch.
         noise = torch.cat(
-            [torch.rand((r.n, vocab), generator=g, device=device) for r, g in zip(requests, generators)]
+            [
+                torch.rand((r.n, vocab), generator=g, device=device)
+                for r, g in zip(requests, generators, strict=True)
+            ]
         )[active]
         filtered = filter_logits(logits, temperature[active], top_k[active], top_p[active])
         chosen = choose_tokens(filtered, gumbel_noise(noise), temperature[active] == 0).tolist()
 
         keep = []
-        for slot, (row_index, token) in enumerate(zip(active.tolist(), chosen)):
+        for slot, (row_index, token) in enumerate(zip(active.tolist(), chosen, strict=True)):
             row = rows[row_index]
             request = requests[row.request]
             row.tokens.append(token)
             if token in eos_ids:
-                row.finish = "stop"
-            elif request.params.stop and (
-                cut := _stop_cut(tokenizer.decode(row.tokens, skip_special_tokens=True), request.params.stop)
-            ) is not None:
+                # Not every eos id is a registered special token, so leave it out of the text here.
+                row.finish, row.text = "stop", tokenizer.decode(row.tokens[:-1], skip_special_tokens=True)
+            elif (
+                request.params.stop
+                and (
+                    cut := _stop_cut(
+                        tokenizer.decode(row.tokens, skip_special_tokens=True), request.params.stop
+                    )
+                )
+                is not None
+            ):
                 row.finish, row.text = "stop", cut
             elif len(row.tokens) >= request.params.max_tokens:
                 row.finish = "length"
@@ -123,5 +133,7 @@ def generate(
     results: list[list[Candidate]] = [[] for _ in requests]
     for row in rows:
         text = row.text if row.text is not None else tokenizer.decode(row.tokens, skip_special_tokens=True)
-        results[row.request].append(Candidate(text=text, token_ids=row.tokens, finish_reason=row.finish or "length"))
+        results[row.request].append(
+            Candidate(text=text, token_ids=row.tokens, finish_reason=row.finish or "length")
+        )
     return results

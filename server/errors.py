@@ -58,6 +58,10 @@ async def _api_error(request: Request, error: APIError) -> JSONResponse:
 
 async def _validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
     first = error.errors()[0]
+    if first.get("type") == "json_invalid":  # its loc is a character offset, not a field
+        return error_response(
+            400, f"request body is not valid JSON: {first.get('msg')}", None, "invalid_json"
+        )
     field = _field(tuple(first.get("loc", ())))
     message = first.get("msg", "invalid request").removeprefix("Value error, ")
     return error_response(400, f"{field}: {message}" if field else message, field or None, "invalid_value")

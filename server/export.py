@@ -12,12 +12,10 @@ from server.sample_log import read_records
 
 
 def export_record(record: dict) -> dict:
-    """The exported shape: the log's columns under the names the docs promise."""
-    out = dict(record)
-    out["policy"] = {"path": record["policy"], "version": record.pop("policy_version")}
-    out["reward_model"] = {"path": record["reward_model"], "version": record.pop("reward_model_version")}
-    out.pop("policy_version", None)
-    out.pop("reward_model_version", None)
+    """The exported shape: model identities as {"path", "version"} objects."""
+    out = {k: v for k, v in record.items() if k not in ("policy_version", "reward_model_version")}
+    out["policy"] = {"path": record["policy"], "version": record["policy_version"]}
+    out["reward_model"] = {"path": record["reward_model"], "version": record["reward_model_version"]}
     return out
 
 

@@ -9,10 +9,10 @@ from server.sampling import Candidate, SampleRequest
 
 
 class TransformersSampler:
-    def __init__(self, policy: Policy, max_batch_tokens: int, max_queued: int):
+    def __init__(self, policy: Policy, max_batch_tokens: int, max_queued: int, gather_seconds: float = 0.0):
         self.policy = policy
         self._batcher: TokenBudgetBatcher[SampleRequest, list[Candidate]] = TokenBudgetBatcher(
-            self._run, max_batch_tokens, max_queued, stage="sampling"
+            self._run, max_batch_tokens, max_queued, stage="sampling", gather_seconds=gather_seconds
         )
 
     @property

@@ -51,6 +51,4 @@ RM_TRUNCATED = Counter(
 LOG_QUEUE = Gauge("bon_sample_log_queue_records", "Candidate records waiting to be written.")
 LOG_WRITTEN = Counter("bon_sample_log_records_written", "Candidate records committed.")
 LOG_ERRORS = Counter("bon_sample_log_write_errors", "Failed candidate-log writes.")
-MODEL_INFO = Gauge(
-    "bon_model_info", "The loaded model of each role (value 1).", ["role", "path", "version"]
-)
+MODEL_INFO = Gauge("bon_model_info", "The loaded model of each role (value 1).", ["role", "path", "version"])

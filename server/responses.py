@@ -30,11 +30,22 @@ def _candidates(results: list[BestOfNResult]) -> list[dict]:
 
 
 def _envelope(kind: str, request_id: str, created: int, model: str, fingerprint: str) -> dict:
-    return {"id": request_id, "object": kind, "created": created, "model": model, "system_fingerprint": fingerprint}
+    return {
+        "id": request_id,
+        "object": kind,
+        "created": created,
+        "model": model,
+        "system_fingerprint": fingerprint,
+    }
 
 
 def completion_body(
-    request_id: str, created: int, model: str, fingerprint: str, results: list[BestOfNResult], n: int,
+    request_id: str,
+    created: int,
+    model: str,
+    fingerprint: str,
+    results: list[BestOfNResult],
+    n: int,
     with_candidates: bool,
 ) -> dict:
     choices = [
@@ -86,7 +97,12 @@ def as_stream(body: dict) -> Iterator[str]:
     if body["object"] == "chat.completion":
         chunk["object"] = "chat.completion.chunk"
         chunk["choices"] = [
-            {"index": c["index"], "delta": c["message"], "finish_reason": c["finish_reason"], "reward": c["reward"]}
+            {
+                "index": c["index"],
+                "delta": c["message"],
+                "finish_reason": c["finish_reason"],
+                "reward": c["reward"],
+            }
             for c in body["choices"]
         ]
     yield f"data: {json.dumps(chunk)}\n\n"

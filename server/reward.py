@@ -136,7 +136,9 @@ def load_reward_model(path: str | Path, device: str, dtype: str) -> RewardModel:
         )
     tokenizer = AutoTokenizer.from_pretrained(directory)
     if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
-        log.warning("reward model tokenizer has no pad token; using eos (%s) for padding", tokenizer.eos_token)
+        log.warning(
+            "reward model tokenizer has no pad token; using eos (%s) for padding", tokenizer.eos_token
+        )
         tokenizer.pad_token = tokenizer.eos_token
     if model.config.pad_token_id is None and tokenizer.pad_token_id is not None:
         # Without it HF's own pooling reads the score at the wrong token (accuracy ~0.5 is the

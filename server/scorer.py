@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from itertools import accumulate
+from itertools import accumulate, pairwise
 
 from server.batching import TokenBudgetBatcher
 from server.reward import RewardModel
@@ -19,7 +19,7 @@ class BatchedScorer:
         """Score every job's inputs in one forward and split the rewards back per job."""
         rewards = self.reward_model.score([ids for job in jobs for ids in job])
         bounds = [0, *accumulate(len(job) for job in jobs)]
-        return [rewards[start:end] for start, end in zip(bounds, bounds[1:])]
+        return [rewards[start:end] for start, end in pairwise(bounds)]
 
     async def score(self, inputs: list[list[int]]) -> list[float]:
         """Rewards of `inputs` (RM token ids), in order."""

@@ -105,7 +105,8 @@ class BestOfN:
         """The request's max_tokens, or the server default clamped to what the context leaves."""
         longest = max(len(p.token_ids) for p in prompts)
         room = self.policy.context_length - longest
-        param = "messages" if prompts[0].messages is not None else "prompt"
+        # Blame the prompt when it leaves no room at all, else the max_tokens asked for.
+        param = "max_tokens" if room >= 1 else "messages" if prompts[0].messages is not None else "prompt"
         if room < 1 or (requested is not None and requested > room):
             asked = requested if requested is not None else 1
             raise APIError(
@@ -119,7 +120,9 @@ class BestOfN:
 
     def check_best_of(self, best_of: int, max_tokens: int, prompts: list[Prompt]) -> None:
         if best_of > self.max_best_of:
-            raise APIError(400, f"best_of is {best_of}; this server allows at most {self.max_best_of}", "best_of")
+            raise APIError(
+                400, f"best_of is {best_of}; this server allows at most {self.max_best_of}", "best_of"
+            )
         need = max(len(p.token_ids) for p in prompts) + best_of * max_tokens
         if need > self.max_batch_tokens:
             raise APIError(
@@ -161,7 +164,8 @@ class BestOfN:
         rewards = await self.scorer.score([i.token_ids for i in inputs])
         ranks = ranks_of(rewards)
         scored = [
-            ScoredCandidate(c, r, rank, i.truncated) for c, r, rank, i in zip(candidates, rewards, ranks, inputs)
+            ScoredCandidate(c, r, rank, i.truncated)
+            for c, r, rank, i in zip(candidates, rewards, ranks, inputs, strict=True)
         ]
         chosen = rank_by_reward(rewards)[:n]
 

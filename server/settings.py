@@ -24,6 +24,9 @@ class Settings(BaseSettings):
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
         "auto", description="Weights dtype; auto keeps the checkpoint's."
     )
+    torch_threads: int = Field(
+        0, ge=0, description="Intra-op CPU threads for torch; 0 keeps torch's default (all cores)."
+    )
     host: str = Field("127.0.0.1", description="Bind address; loopback unless asked otherwise.")
     port: int = Field(8000, ge=0, le=65535)
     # Several keys allowed (rotation); BON_API_KEY takes them comma-separated.
@@ -34,6 +37,9 @@ class Settings(BaseSettings):
     )
     max_queued_requests: int = Field(
         256, ge=1, description="Prompts waiting for a batch beyond which requests get 429."
+    )
+    batch_gather_ms: float = Field(
+        20.0, ge=0, le=1000, description="How long an idle sampler waits for concurrent requests to batch."
     )
     default_max_tokens: int = Field(16, ge=1, description="max_tokens when a request gives none.")
     sample_log: Path = Field(Path("bon-samples.db"), description="SQLite file of every candidate.")

@@ -1,0 +1,180 @@
+"""Shared fixtures: tiny real models built locally, and real `bon serve` processes on free ports."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+from transformers import AutoConfig
+
+from bon.tiny_models import build_model, tokenizer_a, tokenizer_b
+
+
+@dataclass
+class Pair:
+    policy: Path
+    reward_model: Path
+
+
+@pytest.fixture(scope="session")
+def models(tmp_path_factory) -> dict[str, Path]:
+    """Tiny checkpoints of three architectures and two tokenizers, plus broken reward models."""
+    root = tmp_path_factory.mktemp("models")
+    tok_a, tok_b = tokenizer_a(), tokenizer_b()
+    built = {
+        "gpt2_policy": build_model(root / "gpt2_policy", "gpt2", tok_a, seed=0),
+        "qwen2_policy": build_model(root / "qwen2_policy", "qwen2", tok_b, seed=1),
+        "llama_policy": build_model(root / "llama_policy", "llama", tok_b, seed=2),
+        "llama_rm": build_model(root / "llama_rm", "llama", tok_b, reward_model=True, seed=3),
+        # No chat template: chat requests fall back to the completions rule.
+        "gpt2_rm_plain": build_model(
+            root / "gpt2_rm_plain", "gpt2", tokenizer_a(), reward_model=True, seed=4
+        ),
+    }
+    tok_a_plain = built["gpt2_rm_plain"]
+    (tok_a_plain / "chat_template.jinja").unlink(missing_ok=True)
+    config = json.loads((tok_a_plain / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (tok_a_plain / "tokenizer_config.json").write_text(json.dumps(config))
+
+    # Two labels: a classifier, not a Bradley-Terry reward model.
+    two = build_model(root / "two_labels", "llama", tok_b, reward_model=True, seed=6)
+    config = AutoConfig.from_pretrained(two)
+    config.num_labels = 2
+    config.save_pretrained(two)
+    built["two_labels_rm"] = two
+    # A causal LM whose config claims one label: no trained score head in its weights.
+    headless = build_model(root / "headless", "gpt2", tok_a, seed=7)
+    config = AutoConfig.from_pretrained(headless)
+    config.num_labels = 1
+    config.save_pretrained(headless)
+    built["headless_rm"] = headless
+    return built
+
+
+@pytest.fixture(scope="session")
+def pair_gpt2_llama(models) -> Pair:
+    """GPT-2 policy, Llama RM: different architectures, vocabularies and chat templates."""
+    return Pair(models["gpt2_policy"], models["llama_rm"])
+
+
+@pytest.fixture(scope="session")
+def pair_qwen2_gpt2(models) -> Pair:
+    """Qwen2 policy, GPT-2 RM without a chat template (chat falls back to the completions rule)."""
+    return Pair(models["qwen2_policy"], models["gpt2_rm_plain"])
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Server:
+    url: str
+    process: subprocess.Popen
+    sample_log: Path
+    log_file: Path
+
+    def output(self) -> str:
+        return self.log_file.read_text()
+
+    def metric(self, name: str, **labels: str) -> float:
+        """Sum of the samples called `name` whose labels include `labels`."""
+        text = httpx.get(f"{self.url}/metrics").text
+        total = 0.0
+        for line in text.splitlines():
+            if line.startswith("#") or not line.startswith(name):
+                continue
+            series, value = line.rsplit(" ", 1)
+            metric_name = series.split("{", 1)[0]
+            if metric_name == name and all(f'{k}="{v}"' in series for k, v in labels.items()):
+                total += float(value)
+        return total
+
+
+def start_server(
+    pair: Pair, workdir: Path, *extra: str, env: dict | None = None, wait: bool = True
+) -> Server:
+    port = free_port()
+    sample_log = workdir / "samples.db"
+    log_file = workdir / "server.log"
+    command = [
+        sys.executable,
+        "-m",
+        "bon",
+        "serve",
+        "--policy",
+        str(pair.policy),
+        "--reward-model",
+        str(pair.reward_model),
+        "--port",
+        str(port),
+        "--sample-log",
+        str(sample_log),
+        *extra,
+    ]
+    process = subprocess.Popen(
+        command, stdout=log_file.open("w"), stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
+    )
+    server = Server(f"http://127.0.0.1:{port}", process, sample_log, log_file)
+    if wait:
+        wait_ready(server)
+    return server
+
+
+def wait_ready(server: Server, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.process.poll() is not None:
+            raise RuntimeError(f"server exited with {server.process.returncode}:\n{server.output()}")
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(f"{server.url}/ready", timeout=2).status_code == 200:
+                return
+        time.sleep(0.2)
+    stop_server(server)
+    raise RuntimeError(f"server not ready after {timeout}s:\n{server.output()}")
+
+
+def stop_server(server: Server, sig: int = signal.SIGTERM) -> int:
+    if server.process.poll() is None:
+        server.process.send_signal(sig)
+        try:
+            server.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            server.process.kill()
+            server.process.wait()
+    return server.process.returncode
+
+
+API_KEYS = ("key-one", "key-two")
+
+
+@pytest.fixture(scope="session")
+def server(pair_gpt2_llama, tmp_path_factory):
+    """The main server: GPT-2 policy + Llama RM, two API keys, best_of up to 8."""
+    workdir = tmp_path_factory.mktemp("server")
+    args = ["--api-key", API_KEYS[0], "--api-key", API_KEYS[1], "--max-best-of", "8"]
+    s = start_server(pair_gpt2_llama, workdir, *args)
+    yield s
+    stop_server(s)
+
+
+@pytest.fixture(scope="session")
+def server_b(pair_qwen2_gpt2, tmp_path_factory):
+    """Second pair: Qwen2 policy + GPT-2 RM without a chat template, keys from the environment."""
+    workdir = tmp_path_factory.mktemp("server_b")
+    s = start_server(pair_qwen2_gpt2, workdir, env={"BON_API_KEY": "env-key"})
+    yield s
+    stop_server(s)

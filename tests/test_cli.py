@@ -1,0 +1,150 @@
+"""`bon serve` start-up checks and configuration, and `bon export-samples`."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pyarrow.parquet as pq
+import pytest
+from conftest import API_KEYS, Pair
+
+from server.sample_log import read_records
+
+
+def serve_fails(pair: Pair, *extra: str) -> str:
+    """Run `bon serve` expecting it to refuse to start; returns what it printed."""
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bon",
+            "serve",
+            "--policy",
+            str(pair.policy),
+            "--reward-model",
+            str(pair.reward_model),
+            "--port",
+            "0",
+            *extra,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2, result.stdout + result.stderr
+    return result.stderr
+
+
+def test_refuses_a_reward_model_with_two_labels(models):
+    message = serve_fails(Pair(models["gpt2_policy"], models["two_labels_rm"]))
+    assert "num_labels=2" in message and "exactly one label" in message
+
+
+def test_refuses_a_reward_model_without_a_score_head(models):
+    message = serve_fails(Pair(models["gpt2_policy"], models["headless_rm"]))
+    assert "no trained score head" in message and "score.weight" in message
+
+
+def test_refuses_a_directory_that_is_not_a_model(models, tmp_path):
+    message = serve_fails(Pair(tmp_path, models["llama_rm"]))
+    assert "not a Hugging Face model directory" in message and "--policy" in message
+
+
+def test_bad_flag_value_names_the_flag(models):
+    message = serve_fails(Pair(models["gpt2_policy"], models["llama_rm"]), "--max-best-of", "zero")
+    assert "--max-best-of" in message
+
+
+def test_config_is_logged_with_secrets_redacted(server, server_b):
+    for s, keys in ((server, API_KEYS), (server_b, ("env-key",))):
+        output = s.output()
+        assert "configuration:" in output and "'api_key': ['***'" in output
+        for key in keys:
+            assert key not in output
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "parquet"])
+def test_export_samples(server, tmp_path, fmt):
+    import httpx
+
+    httpx.post(
+        f"{server.url}/v1/chat/completions",
+        headers={"Authorization": f"Bearer {API_KEYS[0]}"},
+        json={
+            "model": "gpt2_policy",
+            "messages": [{"role": "user", "content": "hi"}],
+            "best_of": 2,
+            "max_tokens": 3,
+        },
+    ).raise_for_status()
+    out = tmp_path / f"samples.{fmt}"
+    import time
+
+    time.sleep(1.0)  # let the writer commit
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bon",
+            "export-samples",
+            "--sample-log",
+            str(server.sample_log),
+            "--format",
+            fmt,
+            "-o",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    rows = read_records(server.sample_log)
+    if fmt == "jsonl":
+        exported = [json.loads(line) for line in out.read_text().splitlines()]
+    else:
+        exported = pq.read_table(out).to_pylist()
+        for record in exported:
+            record["prompt"] = json.loads(record["prompt"])
+            record["params"] = json.loads(record["params"])
+    assert len(exported) >= len(rows) > 0
+    required = {
+        "request_id",
+        "prompt",
+        "completion",
+        "reward",
+        "rank",
+        "policy",
+        "reward_model",
+        "params",
+        "prompt_tokens",
+        "completion_tokens",
+        "created",
+    }
+    for record, row in zip(exported, rows, strict=False):
+        assert required <= set(record)
+        assert record["request_id"] == row["request_id"] and record["reward"] == row["reward"]
+        assert record["policy"] == {"path": row["policy"], "version": row["policy_version"]}
+    chat = [r for r in exported if r["request_id"].startswith("chatcmpl-")]
+    assert chat and chat[-1]["prompt"] == [{"role": "user", "content": "hi"}]
+
+
+def test_export_of_a_missing_log_is_a_clear_error(tmp_path):
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bon",
+            "export-samples",
+            "--sample-log",
+            str(tmp_path / "none.db"),
+            "-o",
+            str(tmp_path / "x"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2 and "no candidate log" in result.stderr

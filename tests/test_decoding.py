@@ -1,0 +1,110 @@
+"""The transformers engine against transformers' own generate(), and its sampling rules."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from server.decoding import generate
+from server.logits import choose_tokens, filter_logits, gumbel_noise
+from server.sampling import SampleRequest, SamplingParams
+
+PROMPTS = ["the cat runs", "one two three four five six seven", "12 + 3 ="]
+
+
+def load(path):
+    return AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
+
+
+@pytest.mark.parametrize("name", ["gpt2_policy", "llama_policy", "qwen2_policy"])
+def test_greedy_matches_generate_for_every_row_of_a_mixed_batch(models, name):
+    model, tok = load(models[name])
+    # Prompts of different lengths (left padding) and different n (uneven KV-cache expansion).
+    requests = [
+        SampleRequest(tok(p).input_ids, n, SamplingParams(max_tokens=10, temperature=0))
+        for p, n in zip(PROMPTS, (1, 3, 2), strict=True)
+    ]
+    results = generate(model, tok, requests, eos_ids=set())
+    for request, candidates in zip(requests, results, strict=True):
+        ids = torch.tensor([request.prompt_ids])
+        expected = model.generate(
+            ids, max_new_tokens=10, do_sample=False, eos_token_id=None, pad_token_id=tok.pad_token_id
+        )
+        assert len(candidates) == request.n
+        for c in candidates:
+            assert c.token_ids == expected[0, ids.shape[1] :].tolist()
+            assert c.finish_reason == "length"
+
+
+def test_top_k_one_is_greedy(models):
+    model, tok = load(models["gpt2_policy"])
+    ids = tok(PROMPTS[0]).input_ids
+    greedy = generate(model, tok, [SampleRequest(ids, 1, SamplingParams(max_tokens=8, temperature=0))], set())
+    top1 = generate(
+        model,
+        tok,
+        [SampleRequest(ids, 3, SamplingParams(max_tokens=8, temperature=1.5, top_k=1, seed=3))],
+        set(),
+    )
+    assert all(c.token_ids == greedy[0][0].token_ids for c in top1[0])
+
+
+def test_seeded_candidates_do_not_depend_on_batch_neighbours(models):
+    model, tok = load(models["llama_policy"])
+    params = SamplingParams(max_tokens=12, temperature=1.0, top_p=0.9, seed=42)
+    mine = SampleRequest(tok(PROMPTS[1]).input_ids, 4, params)
+    alone = generate(model, tok, [mine], set())[0]
+    neighbours = [
+        SampleRequest(tok(p).input_ids, 3, SamplingParams(max_tokens=5, seed=i))
+        for i, p in enumerate(PROMPTS)
+    ]
+    crowded = generate(model, tok, [neighbours[0], mine, neighbours[2]], set())[1]
+    assert [c.token_ids for c in alone] == [c.token_ids for c in crowded]
+    assert len({tuple(c.token_ids) for c in alone}) > 1  # the four candidates differ from each other
+
+
+def test_eos_ends_a_candidate_and_is_counted_not_shown(models):
+    model, tok = load(models["gpt2_policy"])
+    request = SampleRequest(tok(PROMPTS[0]).input_ids, 1, SamplingParams(max_tokens=12, seed=0))
+    [[first]] = generate(model, tok, [request], set())
+    # Declare a token that first appears midway an end-of-sequence token; the same seed replays.
+    k = next(i for i, t in enumerate(first.token_ids) if i > 0 and t not in first.token_ids[:i])
+    [[stopped]] = generate(model, tok, [request], {first.token_ids[k]})
+    assert stopped.token_ids == first.token_ids[: k + 1] and stopped.finish_reason == "stop"
+    assert stopped.text == tok.decode(first.token_ids[:k], skip_special_tokens=True)
+
+
+def test_filter_logits_matches_a_direct_computation():
+    torch.manual_seed(0)
+    logits = torch.randn(3, 20)
+    temperature = torch.tensor([0.5, 1.0, 2.0])
+    top_k = torch.tensor([0, 5, 0])
+    top_p = torch.tensor([1.0, 1.0, 0.6])
+    out = filter_logits(logits, temperature, top_k, top_p)
+    assert torch.allclose(out[0], logits[0] / 0.5)
+    kept = torch.isfinite(out[1])
+    assert set(kept.nonzero().flatten().tolist()) == set(logits[1].topk(5).indices.tolist())
+    # Nucleus: the smallest set of most likely tokens whose mass reaches 0.6.
+    probs = (logits[2] / 2.0).softmax(-1)
+    order = probs.argsort(descending=True)
+    size = int((probs[order].cumsum(0) < 0.6).sum()) + 1
+    assert set(torch.isfinite(out[2]).nonzero().flatten().tolist()) == set(order[:size].tolist())
+
+
+def test_gumbel_max_samples_from_the_softmax():
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
+    generator = torch.Generator().manual_seed(0)
+    draws = 20000
+    counts = Counter(
+        choose_tokens(
+            logits.expand(draws, 4),
+            gumbel_noise(torch.rand(draws, 4, generator=generator)),
+            torch.zeros(draws, dtype=torch.bool),
+        ).tolist()
+    )
+    expected = logits.softmax(-1)[0]
+    for token in range(4):
+        assert counts[token] / draws == pytest.approx(expected[token].item(), abs=0.015)
