@@ -39,32 +39,91 @@ class RewardInput:
     truncated: bool
 
 
+def encode_completion(tokenizer: PreTrainedTokenizerBase, prompt: str, completion: str) -> list[int]:
+    """Prompt text + completion text, with the RM tokenizer's default special tokens."""
+    return tokenizer(prompt + completion).input_ids
+
+
+def encode_chat(
+    tokenizer: PreTrainedTokenizerBase, messages: Messages, completion: str, fallback_prompt: str
+) -> list[int]:
+    """The conversation plus the candidate as the assistant's turn, in the RM's chat template.
+
+    Without a template, falls back to the completions rule on `fallback_prompt` (the prompt text
+    the policy saw).
+    """
+    if not tokenizer.chat_template:
+        return encode_completion(tokenizer, fallback_prompt, completion)
+    text = tokenizer.apply_chat_template(
+        [*messages, {"role": "assistant", "content": completion}], tokenize=False
+    )
+    # The template already wrote the special tokens; adding defaults would double the bos.
+    return tokenizer(text, add_special_tokens=False).input_ids
+
+
+def pad_right(inputs: list[list[int]], pad_id: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-id lists as (B, T) input_ids and attention mask, right-padded."""
+    width = max(len(ids) for ids in inputs)
+    input_ids = torch.full((len(inputs), width), pad_id or 0, dtype=torch.long)  # pads are masked out
+    mask = torch.zeros((len(inputs), width), dtype=torch.long)
+    for i, ids in enumerate(inputs):
+        input_ids[i, : len(ids)] = torch.tensor(ids)
+        mask[i, : len(ids)] = 1
+    return input_ids, mask
+
+
+def score_head(model: PreTrainedModel) -> torch.nn.Module | None:
+    for name in ("score", "classifier"):
+        head = getattr(model, name, None)
+        if isinstance(head, torch.nn.Module):
+            return head
+    return None
+
+
+class LastTokenReward(torch.nn.Module):
+    """A sequence-classification model read at the last real token, whatever the padding side.
+
+    A module of its own (not a function reaching into the model) so that a distributed wrapper
+    (DDP/FSDP via accelerate) wraps the whole computation and gradients synchronise.
+    """
+
+    def __init__(self, model: PreTrainedModel):
+        super().__init__()
+        head = score_head(model)
+        if head is None:
+            raise CheckpointError(f"{type(model).__name__} has no score/classifier head")
+        self.model, self.head = model, head
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Args: input_ids (B, T); attention_mask (B, T), 1 on real tokens. Returns (B,) float32."""
+        positions = (attention_mask.cumsum(-1) - 1).clamp_min(0)
+        hidden = self.model.base_model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=positions
+        ).last_hidden_state  # (B, T, H)
+        # The last real token is the rightmost 1 in the mask; the pad id plays no part, so a pad
+        # token that also occurs in the text (pad == eos) cannot move the read-out.
+        index = torch.arange(attention_mask.shape[-1], device=attention_mask.device)
+        last = (attention_mask * index).argmax(-1)  # (B,)
+        picked = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # (B, H)
+        return self.head(picked).squeeze(-1).float()  # (B,)
+
+
 @dataclass
 class RewardModel:
     model: PreTrainedModel
-    head: torch.nn.Module
     tokenizer: PreTrainedTokenizerBase
     path: Path
     version: str
     max_length: int
 
+    def __post_init__(self):
+        self.scorer = LastTokenReward(self.model)
+
     def encode_completion(self, prompt: str, completion: str) -> list[int]:
-        """Prompt text + completion text, with the RM tokenizer's default special tokens."""
-        return self.tokenizer(prompt + completion).input_ids
+        return encode_completion(self.tokenizer, prompt, completion)
 
     def encode_chat(self, messages: Messages, completion: str, fallback_prompt: str) -> list[int]:
-        """The conversation plus the candidate as the assistant's turn, in the RM's chat template.
-
-        Without a template, falls back to the completions rule on `fallback_prompt` (the prompt
-        text the policy saw).
-        """
-        if not self.tokenizer.chat_template:
-            return self.encode_completion(fallback_prompt, completion)
-        text = self.tokenizer.apply_chat_template(
-            [*messages, {"role": "assistant", "content": completion}], tokenize=False
-        )
-        # The template already wrote the special tokens; adding defaults would double the bos.
-        return self.tokenizer(text, add_special_tokens=False).input_ids
+        return encode_chat(self.tokenizer, messages, completion, fallback_prompt)
 
     def fit(self, token_ids: list[int]) -> RewardInput:
         """Apply the length rule of this module's docstring."""
@@ -74,44 +133,11 @@ class RewardModel:
 
     @torch.inference_mode()
     def score(self, inputs: list[list[int]]) -> list[float]:
-        """Raw logits for a batch of token-id lists, right-padded and read at each last real token."""
+        """Raw logits for a batch of token-id lists."""
         if not inputs:
             return []
-        device = self.model.device
-        width = max(len(ids) for ids in inputs)
-        pad = self.tokenizer.pad_token_id or 0  # masked out, so any id serves
-        input_ids = torch.full((len(inputs), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(inputs), width), dtype=torch.long)
-        for i, ids in enumerate(inputs):
-            input_ids[i, : len(ids)] = torch.tensor(ids)
-            mask[i, : len(ids)] = 1
-        return self.score_padded(input_ids.to(device), mask.to(device)).tolist()
-
-    def score_padded(self, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Rewards for a padded batch, whatever side the padding is on.
-
-        Args:
-            input_ids: (B, T); mask: (B, T), 1 on real tokens.
-        Returns:
-            (B,) float32 raw logits.
-        """
-        positions = (mask.cumsum(-1) - 1).clamp_min(0)
-        hidden = self.model.base_model(
-            input_ids=input_ids, attention_mask=mask, position_ids=positions
-        ).last_hidden_state  # (B, T, H)
-        # The last real token is the rightmost 1 in the mask; the pad id plays no part, so a pad
-        # token that also occurs in the text (pad == eos) cannot move the read-out.
-        last = (mask * torch.arange(mask.shape[-1], device=mask.device)).argmax(-1)  # (B,)
-        picked = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # (B, H)
-        return self.head(picked).squeeze(-1).float()  # (B,)
-
-
-def _score_head(model: PreTrainedModel) -> torch.nn.Module | None:
-    for name in ("score", "classifier"):
-        head = getattr(model, name, None)
-        if isinstance(head, torch.nn.Module):
-            return head
-    return None
+        input_ids, mask = pad_right(inputs, self.tokenizer.pad_token_id)
+        return self.scorer(input_ids.to(self.model.device), mask.to(self.model.device)).tolist()
 
 
 def load_reward_model(path: str | Path, device: str, dtype: str) -> RewardModel:
@@ -126,7 +152,7 @@ def load_reward_model(path: str | Path, device: str, dtype: str) -> RewardModel:
     model, loading = AutoModelForSequenceClassification.from_pretrained(
         directory, dtype=torch_dtype(dtype), output_loading_info=True
     )
-    head = _score_head(model)
+    head = score_head(model)
     head_missing = [k for k in loading["missing_keys"] if k.split(".")[0] in ("score", "classifier")]
     if head is None or head_missing:
         raise CheckpointError(
@@ -147,7 +173,6 @@ def load_reward_model(path: str | Path, device: str, dtype: str) -> RewardModel:
         model.config.pad_token_id = tokenizer.pad_token_id
     return RewardModel(
         model=model.to(device).eval(),
-        head=head,
         tokenizer=tokenizer,
         path=directory,
         version=model_version(directory),

@@ -37,7 +37,7 @@ def test_score_is_the_raw_logit_at_the_last_real_token(rm, models, side):
     ids = [rm.tokenizer(t).input_ids for t in TEXTS]
     expected = [reward_of_ids(models["llama_rm"], seq) for seq in ids]
     with torch.no_grad():
-        got = rm.score_padded(*padded(ids, side, rm.tokenizer.pad_token_id)).tolist()
+        got = rm.scorer(*padded(ids, side, rm.tokenizer.pad_token_id)).tolist()
     assert got == pytest.approx(expected, abs=1e-4)
     assert rm.score(ids) == pytest.approx(expected, abs=1e-4)
 
@@ -47,7 +47,7 @@ def test_pad_equal_to_eos_inside_the_text_does_not_move_the_read_out(rm, models)
     eos = rm.tokenizer.eos_token_id
     ids = [rm.tokenizer(TEXTS[0]).input_ids + [eos], rm.tokenizer(TEXTS[2]).input_ids]
     with torch.no_grad():
-        got = rm.score_padded(*padded(ids, "right", eos)).tolist()
+        got = rm.scorer(*padded(ids, "right", eos)).tolist()
     assert got[0] == pytest.approx(reward_of_ids(models["llama_rm"], ids[0]), abs=1e-4)
 
 
