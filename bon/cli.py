@@ -19,7 +19,7 @@ def _add_serve(commands) -> None:
         help_text = f"{field.description or ''} (env BON_{name.upper()})"
         if field.annotation is bool:
             serve.add_argument(flag, action="store_true", default=argparse.SUPPRESS, help=help_text)
-        elif name == "api_key":
+        elif name in ("api_key", "admin_key"):
             serve.add_argument(
                 flag, action="append", default=argparse.SUPPRESS, help=help_text + "; repeatable"
             )

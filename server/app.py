@@ -19,10 +19,17 @@ from server.batching import BatcherClosed, QueueFull
 from server.errors import APIError, error_response
 from server.hf_sampler import TransformersSampler
 from server.policy import Policy
-from server.protocol import ChatCompletionRequest, CompletionRequest, ScoreRequest
+from server.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    FeedbackRequest,
+    ReloadRequest,
+    ScoreRequest,
+)
+from server.reload import Reloader, ReloadRefused
 from server.responses import as_stream, chat_body, completion_body
 from server.reward import RewardModel
-from server.sample_log import SampleLog
+from server.sample_log import FeedbackRecord, SampleLog
 from server.sampling import SamplingParams
 from server.scorer import BatchedScorer
 from server.service import BestOfN
@@ -30,7 +37,16 @@ from server.settings import Settings
 
 log = logging.getLogger(__name__)
 
-ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/score", "/v1/models", "/health", "/ready")
+ROUTES = (
+    "/v1/completions",
+    "/v1/chat/completions",
+    "/v1/score",
+    "/v1/feedback",
+    "/v1/models",
+    "/health",
+    "/ready",
+    "/admin/reload",
+)
 RETRY_AFTER_SECONDS = 1
 # How often a waiting handler checks whether its client is still there.
 DISCONNECT_POLL_SECONDS = 0.1
@@ -67,21 +83,40 @@ async def _service(request: Request) -> BestOfN:
             code="not_ready",
             headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
         )
-    return request.app.state.service
+    # Pinned: this request keeps its policy and reward model even if a reload lands meanwhile.
+    return request.app.state.service.pinned()
 
 
 Service = Annotated[BestOfN, Depends(_service)]
 
 
+def _bearer(request: Request) -> str | None:
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    return token if scheme.lower() == "bearer" and token else None
+
+
+def _known(token: str | None, keys: list[str]) -> bool:
+    return token is not None and any(secrets.compare_digest(token, k) for k in keys)
+
+
 async def _authorize(request: Request) -> None:
     keys: list[str] = request.app.state.api_keys
-    if not keys:
-        return
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not any(secrets.compare_digest(token, k) for k in keys):
+    if keys and not _known(_bearer(request), keys):
         raise APIError(
             401, "missing or invalid API key (send Authorization: Bearer <key>)", code="invalid_api_key"
         )
+
+
+async def _authorize_admin(request: Request) -> None:
+    """No key: 401. A key that is not an admin key (an API key included): 403. No --admin-key: 403."""
+    keys: list[str] = request.app.state.admin_keys
+    token = _bearer(request)
+    if token is None:
+        raise APIError(401, "admin routes need Authorization: Bearer <admin key>", code="invalid_api_key")
+    if not keys:
+        raise APIError(403, "the admin API is off: start bon serve with --admin-key", code="admin_disabled")
+    if not _known(token, keys):
+        raise APIError(403, "this key may not use the admin API", code="forbidden")
 
 
 def _check_model(request: Request, model: str | None) -> None:
@@ -204,13 +239,75 @@ async def score(body: ScoreRequest, request: Request, service: Service) -> dict:
                 "context_length_exceeded",
             )
         inputs.append(ids)
-    rewards = await _until_disconnect(request, service.scorer.score(inputs))
+    rewards = await _until_disconnect(request, service.scorer.score(inputs, rm))
     return {
         "object": "list",
         "model": request.app.state.model_names[0],
         "reward_model": str(rm.path),
         "data": [{"index": i, "reward": r} for i, r in enumerate(rewards)],
     }
+
+
+@router.post("/feedback")
+async def feedback(body: FeedbackRequest, request: Request, service: Service) -> dict:
+    """Store a client's comparison of a request's candidates, for reward-model training."""
+    sample_log = service.sample_log
+    if sample_log is None:
+        raise APIError(
+            400,
+            "feedback is stored with the candidate log, which this server does not keep (--no-sample-log)",
+            code="no_sample_log",
+        )
+    counts = await asyncio.to_thread(sample_log.candidate_counts, body.request_id)
+    if not counts:
+        raise APIError(
+            404,
+            f"unknown request_id {body.request_id!r}: no logged candidates (unknown id, or the "
+            "request was sent with log: false)",
+            "request_id",
+            "unknown_request",
+        )
+    if body.prompt_index not in counts:
+        raise APIError(
+            400,
+            f"prompt_index {body.prompt_index} is out of range: the request had {len(counts)} prompt(s)",
+            "prompt_index",
+        )
+    k = counts[body.prompt_index]
+    if body.ranks is not None:
+        if len(body.ranks) != k:
+            raise APIError(
+                400, f"ranks has {len(body.ranks)} entries but the request has {k} candidates", "ranks"
+            )
+        ranks = body.ranks
+    else:
+        for field, index in (("chosen", body.chosen), ("rejected", body.rejected)):
+            if index >= k:
+                raise APIError(400, f"{field} is {index} but the request has candidates 0..{k - 1}", field)
+        ranks = [None] * k
+        ranks[body.chosen], ranks[body.rejected] = 1, 2
+    sample_log.append_feedback(FeedbackRecord(body.request_id, body.prompt_index, ranks, time.time()))
+    pairs = sum(1 for a in ranks for b in ranks if a is not None and b is not None and a < b)
+    return {"object": "feedback", "request_id": body.request_id, "pairs": pairs}
+
+
+admin = APIRouter(prefix="/admin", dependencies=[Depends(_authorize_admin)])
+
+
+@admin.post("/reload")
+async def reload(body: ReloadRequest, request: Request) -> dict:
+    """Load new checkpoints and switch to them; in-flight requests finish on the old ones."""
+    reloader: Reloader = request.app.state.reloader
+    try:
+        return await reloader.reload(body.policy, body.reward_model)
+    except ReloadRefused as error:
+        still = reloader.loaded()
+        raise APIError(
+            400,
+            f"checkpoint refused, still serving policy {still['policy']['path']} and reward model "
+            f"{still['reward_model']['path']}: {error}",
+            code="reload_refused",
+        ) from None
 
 
 async def _warm_up(app: FastAPI, service: BestOfN) -> None:
@@ -244,12 +341,18 @@ def build_app(settings: Settings, policy: Policy, reward_model: RewardModel) -> 
                 settings.max_queued_requests,
                 settings.batch_gather_ms / 1000,
             ),
-            scorer=BatchedScorer(reward_model, settings.max_batch_tokens, settings.max_queued_requests),
+            scorer=BatchedScorer(settings.max_batch_tokens, settings.max_queued_requests),
             sample_log=sample_log,
             max_best_of=settings.max_best_of,
             max_batch_tokens=settings.max_batch_tokens,
         )
         app.state.service = service
+        app.state.reloader = reloader = Reloader(service, settings.device, settings.dtype)
+        watcher = (
+            asyncio.create_task(reloader.watch(settings.watch, settings.watch_interval_seconds))
+            if settings.watch
+            else None
+        )
         for role, model in (("policy", policy), ("reward_model", reward_model)):
             metrics.MODEL_INFO.labels(role=role, path=str(model.path), version=model.version).set(1)
         warm_up = asyncio.create_task(_warm_up(app, service))
@@ -257,6 +360,8 @@ def build_app(settings: Settings, policy: Policy, reward_model: RewardModel) -> 
             yield
         finally:
             warm_up.cancel()
+            if watcher is not None:
+                watcher.cancel()
             await service.close()
             if sample_log is not None:
                 sample_log.close()  # SIGTERM ends here: everything queued is committed first
@@ -266,6 +371,7 @@ def build_app(settings: Settings, policy: Policy, reward_model: RewardModel) -> 
     app.state.ready = False
     app.state.started = int(time.time())
     app.state.api_keys = [key.get_secret_value() for key in settings.api_key]
+    app.state.admin_keys = [key.get_secret_value() for key in settings.admin_key]
     app.state.default_max_tokens = settings.default_max_tokens
     app.state.model_names = [settings.model_name, str(policy.path)]
     errors.install(app)
@@ -288,5 +394,6 @@ def build_app(settings: Settings, policy: Policy, reward_model: RewardModel) -> 
         return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
 
     app.include_router(router)
+    app.include_router(admin)
     app.add_middleware(_RequestMetrics)
     return app

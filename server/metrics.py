@@ -52,3 +52,6 @@ LOG_QUEUE = Gauge("bon_sample_log_queue_records", "Candidate records waiting to 
 LOG_WRITTEN = Counter("bon_sample_log_records_written", "Candidate records committed.")
 LOG_ERRORS = Counter("bon_sample_log_write_errors", "Failed candidate-log writes.")
 MODEL_INFO = Gauge("bon_model_info", "The loaded model of each role (value 1).", ["role", "path", "version"])
+RELOADS = Counter(
+    "bon_model_reloads", "Checkpoint reloads by outcome (loaded or refused).", ["role", "outcome"]
+)

@@ -158,3 +158,43 @@ class ScoreRequest(_Request):
         if self.pairs is not None:
             return self.pairs
         return [ScorePair(prompt=self.prompt, response=r) for r in self.responses or []]
+
+
+class FeedbackRequest(BaseModel):
+    """A comparison of one request's candidates: a chosen/rejected pair, or ranks over all of them."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    request_id: str = Field(min_length=1)
+    prompt_index: int = Field(0, ge=0, description="Which prompt of a multi-prompt completion request.")
+    chosen: int | None = Field(None, ge=0)
+    rejected: int | None = Field(None, ge=0)
+    ranks: list[float | None] | None = Field(
+        None, description="One per candidate index; 1 = best, equal = tie."
+    )
+
+    @model_validator(mode="after")
+    def _one_form(self):
+        pair = self.chosen is not None or self.rejected is not None
+        if pair == (self.ranks is not None):
+            raise ValueError("give either chosen and rejected, or ranks")
+        if pair and (self.chosen is None or self.rejected is None):
+            raise ValueError("chosen and rejected go together")
+        if pair and self.chosen == self.rejected:
+            raise ValueError("chosen and rejected must be different candidates")
+        if self.ranks is not None and len({r for r in self.ranks if r is not None}) < 2:
+            raise ValueError("ranks must hold at least two different ranks (all ties compare nothing)")
+        return self
+
+
+class ReloadRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    policy: str | None = None
+    reward_model: str | None = None
+
+    @model_validator(mode="after")
+    def _something(self):
+        if self.policy is None and self.reward_model is None:
+            raise ValueError("give policy and/or reward_model (checkpoint directories)")
+        return self

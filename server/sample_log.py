@@ -46,6 +46,13 @@ CREATE TABLE IF NOT EXISTS candidates (
 );
 CREATE INDEX IF NOT EXISTS candidates_request ON candidates (request_id);
 CREATE INDEX IF NOT EXISTS candidates_created ON candidates (created);
+CREATE TABLE IF NOT EXISTS feedback (
+    id INTEGER PRIMARY KEY,
+    request_id TEXT NOT NULL,
+    prompt_index INTEGER NOT NULL,
+    ranks TEXT NOT NULL,              -- JSON: one rank per candidate index, 1 = best, null = unranked
+    created REAL NOT NULL
+);
 """
 
 
@@ -80,6 +87,16 @@ class CandidateRecord:
 COLUMNS = tuple(CandidateRecord.__dataclass_fields__)
 
 
+@dataclass
+class FeedbackRecord:
+    """A client's judgement of one request's candidates (`/v1/feedback`)."""
+
+    request_id: str
+    prompt_index: int
+    ranks: list[float | None]
+    created: float
+
+
 def connect(path: Path) -> sqlite3.Connection:
     """Open (creating if needed) a candidate log in WAL mode."""
     connection = sqlite3.connect(path, check_same_thread=False)
@@ -109,22 +126,75 @@ def read_records(path: Path) -> list[dict[str, Any]]:
     return records
 
 
+def read_feedback(path: Path) -> list[dict[str, Any]]:
+    """Every feedback row with its request's candidates (in candidate order) attached."""
+    connection = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        feedback = connection.execute(
+            "SELECT request_id, prompt_index, ranks FROM feedback ORDER BY id"
+        ).fetchall()
+        out = []
+        for request_id, prompt_index, ranks in feedback:
+            candidates = connection.execute(
+                "SELECT prompt, completion FROM candidates WHERE request_id = ? AND prompt_index = ? "
+                "ORDER BY candidate_index",
+                (request_id, prompt_index),
+            ).fetchall()
+            out.append(
+                {
+                    "request_id": request_id,
+                    "prompt": json.loads(candidates[0][0]) if candidates else None,
+                    "completions": [c[1] for c in candidates],
+                    "ranks": json.loads(ranks),
+                }
+            )
+    finally:
+        connection.close()
+    return out
+
+
 class SampleLog:
-    """Queue-fed SQLite writer; `append` never blocks the request path on disk."""
+    """Queue-fed SQLite writer; `append` never blocks the request path on disk.
+
+    Queue items: a list of one request's records (committed together, never split), a
+    FeedbackRecord, a threading.Event (a flush barrier, set once everything before it is
+    committed), or None (stop).
+    """
 
     def __init__(self, path: Path, flush_interval: float = 0.5):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._flush_interval = flush_interval
-        self._queue: queue.SimpleQueue[CandidateRecord | None] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._connection = connect(self.path)
         self._thread = threading.Thread(target=self._write_loop, name="bon-sample-log", daemon=True)
         self._thread.start()
 
     def append(self, records: list[CandidateRecord]) -> None:
-        for record in records:
-            self._queue.put(record)
+        self._queue.put(records)
         metrics.LOG_QUEUE.inc(len(records))
+
+    def append_feedback(self, feedback: FeedbackRecord) -> None:
+        self._queue.put(feedback)
+
+    def flush(self) -> None:
+        """Block until everything appended so far is committed."""
+        done = threading.Event()
+        self._queue.put(done)
+        done.wait()
+
+    def candidate_counts(self, request_id: str) -> dict[int, int]:
+        """{prompt_index: number of candidates} of a logged request (after a flush)."""
+        self.flush()
+        connection = sqlite3.connect(self.path)
+        try:
+            rows = connection.execute(
+                "SELECT prompt_index, COUNT(*) FROM candidates WHERE request_id = ? GROUP BY prompt_index",
+                (request_id,),
+            ).fetchall()
+        finally:
+            connection.close()
+        return dict(rows)
 
     def close(self) -> None:
         """Write everything queued, then stop the writer."""
@@ -133,7 +203,8 @@ class SampleLog:
         self._connection.close()
 
     def _write_loop(self) -> None:
-        pending: list[CandidateRecord] = []
+        pending: list = []
+        barriers: list[threading.Event] = []
         deadline = time.monotonic() + self._flush_interval
         stopping = False
         while not stopping:
@@ -141,23 +212,35 @@ class SampleLog:
                 item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
                 if item is None:
                     stopping = True
+                elif isinstance(item, threading.Event):
+                    barriers.append(item)
                 else:
                     pending.append(item)
             except queue.Empty:
                 pass
-            if pending and (stopping or time.monotonic() >= deadline or len(pending) >= 4096):
+            due = stopping or barriers or time.monotonic() >= deadline or len(pending) >= 1024
+            if pending and due:
                 self._commit(pending)
                 pending = []
+            for barrier in barriers:
+                barrier.set()
+            barriers = []
             if time.monotonic() >= deadline:
                 deadline = time.monotonic() + self._flush_interval
 
-    def _commit(self, records: list[CandidateRecord]) -> None:
+    def _commit(self, items: list) -> None:
+        requests = [i for i in items if isinstance(i, list)]
+        feedback = [i for i in items if isinstance(i, FeedbackRecord)]
+        records = [r.row() for request in requests for r in request]
         placeholders = ", ".join("?" for _ in COLUMNS)
         try:
-            with self._connection:  # one transaction: all of these records or none
+            with self._connection:  # one transaction: all of these or none
                 self._connection.executemany(
-                    f"INSERT INTO candidates ({', '.join(COLUMNS)}) VALUES ({placeholders})",
-                    [r.row() for r in records],
+                    f"INSERT INTO candidates ({', '.join(COLUMNS)}) VALUES ({placeholders})", records
+                )
+                self._connection.executemany(
+                    "INSERT INTO feedback (request_id, prompt_index, ranks, created) VALUES (?, ?, ?, ?)",
+                    [(f.request_id, f.prompt_index, json.dumps(f.ranks), f.created) for f in feedback],
                 )
             metrics.LOG_WRITTEN.inc(len(records))
         except sqlite3.Error:

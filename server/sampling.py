@@ -41,14 +41,15 @@ class SampleRequest:
     prompt_ids: list[int]
     n: int
     params: SamplingParams
+    # Which loaded weights to sample with (engine-specific; None = the engine's current ones), so a
+    # request admitted before a reload finishes on the weights it started with.
+    weights: object | None = None
     # Polled by the engine between steps: a client that went away has its rows dropped.
     cancelled: Callable[[], bool] = field(default=lambda: False)
 
 
 class Sampler(Protocol):
     """What the server needs from a generation engine."""
-
-    context_length: int  # prompt + max_tokens must fit
 
     async def sample(self, request: SampleRequest) -> list[Candidate]:
         """Return `request.n` candidates in sampling order. Raises `QueueFull` when overloaded."""

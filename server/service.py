@@ -3,29 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import copy
 import time
 from dataclasses import dataclass, field
 
 from server import metrics
 from server.errors import APIError
 from server.policy import Policy
+from server.prompts import Prompt, PromptError, chat_prompt, render_messages, reward_input, text_prompt
 from server.reward import Messages, RewardInput, RewardModel
 from server.sample_log import CandidateRecord, SampleLog
 from server.sampling import Candidate, Sampler, SampleRequest, SamplingParams
 from server.scorer import BatchedScorer
 from server.selection import rank_by_reward, ranks_of
-
-
-@dataclass
-class Prompt:
-    """One prompt, as the policy sees it (token ids) and as the log and the RM see it (text)."""
-
-    token_ids: list[int]
-    text: str  # the prompt text the policy saw (chat: rendered by the policy's template)
-    messages: Messages | None = None  # chat requests only
-
-    def logged(self) -> str | Messages:
-        return self.messages if self.messages is not None else self.text
 
 
 @dataclass
@@ -70,36 +60,32 @@ class BestOfN:
         self.max_best_of = max_best_of
         self.max_batch_tokens = max_batch_tokens
 
+    def pinned(self) -> BestOfN:
+        """A view whose policy and reward model stay fixed for one request, whatever reloads
+        happen meanwhile; it shares the engines and the log."""
+        return copy.copy(self)
+
+    def swap(self, policy: Policy | None = None, reward_model: RewardModel | None = None) -> None:
+        """Serve new requests with new models; pinned views keep the old ones until they finish."""
+        self.policy = policy or self.policy
+        self.reward_model = reward_model or self.reward_model
+
     # --- prompt preparation (policy side) -------------------------------------------------------
 
     def text_prompt(self, text: str) -> Prompt:
-        tokenizer = self.policy.tokenizer
-        ids = tokenizer(text).input_ids
-        if not ids and tokenizer.bos_token_id is not None:
-            ids = [tokenizer.bos_token_id]  # an empty prompt starts from bos, as OpenAI allows
-        if not ids:
-            raise APIError(400, "prompt is empty and the policy has no bos token to start from", "prompt")
-        return Prompt(token_ids=ids, text=text)
+        try:
+            return text_prompt(self.policy.tokenizer, text)
+        except PromptError as error:
+            raise APIError(400, str(error), error.field) from None
 
     def chat_prompt(self, messages: Messages) -> Prompt:
-        if not self.policy.tokenizer.chat_template:
-            raise APIError(
-                400, "the policy's tokenizer has no chat template; use /v1/completions", "messages"
-            )
-        text = self.render_messages(messages)
-        # The template wrote the special tokens itself; defaults would add a second bos.
-        ids = self.policy.tokenizer(text, add_special_tokens=False).input_ids
-        return Prompt(token_ids=ids, text=text, messages=messages)
+        try:
+            return chat_prompt(self.policy.tokenizer, messages)
+        except PromptError as error:
+            raise APIError(400, str(error), error.field) from None
 
     def render_messages(self, messages: Messages) -> str:
-        """The conversation as the policy sees it, ready for the assistant's turn.
-
-        Without a policy chat template (only /v1/score gets here then), one line per message.
-        """
-        tokenizer = self.policy.tokenizer
-        if tokenizer.chat_template:
-            return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        return "".join(f"{m['role']}: {m['content']}\n" for m in messages)
+        return render_messages(self.policy.tokenizer, messages)
 
     def resolve_max_tokens(self, prompts: list[Prompt], requested: int | None, default: int) -> int:
         """The request's max_tokens, or the server default clamped to what the context leaves."""
@@ -135,12 +121,7 @@ class BestOfN:
     # --- reward side ------------------------------------------------------------------------------
 
     def reward_input(self, prompt: Prompt, completion: str) -> RewardInput:
-        rm = self.reward_model
-        if prompt.messages is not None:
-            ids = rm.encode_chat(prompt.messages, completion, fallback_prompt=prompt.text)
-        else:
-            ids = rm.encode_completion(prompt.text, completion)
-        return rm.fit(ids)
+        return reward_input(self.reward_model, prompt, completion)
 
     # --- the pipeline ---------------------------------------------------------------------------
 
@@ -159,9 +140,10 @@ class BestOfN:
         return list(results)
 
     async def _one(self, prompt: Prompt, params: SamplingParams, n: int, best_of: int) -> BestOfNResult:
-        candidates = await self.sampler.sample(SampleRequest(prompt.token_ids, best_of, params))
+        request = SampleRequest(prompt.token_ids, best_of, params, weights=self.policy)
+        candidates = await self.sampler.sample(request)
         inputs = [self.reward_input(prompt, c.text) for c in candidates]
-        rewards = await self.scorer.score([i.token_ids for i in inputs])
+        rewards = await self.scorer.score([i.token_ids for i in inputs], self.reward_model)
         ranks = ranks_of(rewards)
         scored = [
             ScoredCandidate(c, r, rank, i.truncated)

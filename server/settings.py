@@ -31,6 +31,15 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535)
     # Several keys allowed (rotation); BON_API_KEY takes them comma-separated.
     api_key: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
+    admin_key: Annotated[list[SecretStr], NoDecode] = Field(
+        default_factory=list, description="Bearer key(s) for /admin/*; without one the admin API is off."
+    )
+    watch: Path | None = Field(
+        None, description="Serve the newest policy checkpoint published under this directory."
+    )
+    watch_interval_seconds: float = Field(
+        5.0, gt=0, description="How often --watch looks for a new checkpoint."
+    )
     max_best_of: int = Field(16, ge=1, description="Largest best_of a request may ask for.")
     max_batch_tokens: int = Field(
         16384, ge=1, description="Token budget of one batch: prompt once + best_of x max_tokens per prompt."
@@ -49,7 +58,7 @@ class Settings(BaseSettings):
     )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
-    @field_validator("api_key", mode="before")
+    @field_validator("api_key", "admin_key", mode="before")
     @classmethod
     def _split_keys(cls, value):
         if isinstance(value, str):
@@ -64,4 +73,5 @@ class Settings(BaseSettings):
         """The resolved configuration for the start-up log: keys shown as stars, never in clear."""
         shown = self.model_dump(mode="json")
         shown["api_key"] = ["***"] * len(self.api_key)
+        shown["admin_key"] = ["***"] * len(self.admin_key)
         return shown

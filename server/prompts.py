@@ -1,0 +1,70 @@
+"""How a prompt becomes policy tokens, and a candidate becomes reward-model input.
+
+Shared by the server and the trainers, so a model is trained on exactly the inputs it is served.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from transformers import PreTrainedTokenizerBase
+
+from server.reward import Messages, RewardInput, RewardModel
+
+
+class PromptError(ValueError):
+    """A prompt this policy cannot take; `field` names the request field at fault."""
+
+    def __init__(self, message: str, field: str):
+        super().__init__(message)
+        self.field = field
+
+
+@dataclass
+class Prompt:
+    """One prompt, as the policy sees it (token ids) and as the log and the RM see it (text)."""
+
+    token_ids: list[int]
+    text: str  # the prompt text the policy saw (chat: rendered by the policy's template)
+    messages: Messages | None = None  # chat requests only
+
+    def logged(self) -> str | Messages:
+        return self.messages if self.messages is not None else self.text
+
+
+def text_prompt(tokenizer: PreTrainedTokenizerBase, text: str) -> Prompt:
+    """A completion prompt, with the tokenizer's default special tokens."""
+    ids = tokenizer(text).input_ids
+    if not ids and tokenizer.bos_token_id is not None:
+        ids = [tokenizer.bos_token_id]  # an empty prompt starts from bos, as OpenAI allows
+    if not ids:
+        raise PromptError("prompt is empty and the policy has no bos token to start from", "prompt")
+    return Prompt(token_ids=ids, text=text)
+
+
+def render_messages(tokenizer: PreTrainedTokenizerBase, messages: Messages) -> str:
+    """The conversation ready for the assistant's turn; without a chat template, a line per message."""
+    if tokenizer.chat_template:
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return "".join(f"{m['role']}: {m['content']}\n" for m in messages)
+
+
+def chat_prompt(tokenizer: PreTrainedTokenizerBase, messages: Messages) -> Prompt:
+    if not tokenizer.chat_template:
+        raise PromptError("the policy's tokenizer has no chat template; use /v1/completions", "messages")
+    text = render_messages(tokenizer, messages)
+    # The template wrote the special tokens itself; defaults would add a second bos.
+    return Prompt(token_ids=tokenizer(text, add_special_tokens=False).input_ids, text=text, messages=messages)
+
+
+def make_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str | Messages) -> Prompt:
+    return text_prompt(tokenizer, prompt) if isinstance(prompt, str) else chat_prompt(tokenizer, prompt)
+
+
+def reward_input(reward_model: RewardModel, prompt: Prompt, completion: str) -> RewardInput:
+    """The RM's input for one candidate, after the RM's length rule."""
+    if prompt.messages is not None:
+        ids = reward_model.encode_chat(prompt.messages, completion, fallback_prompt=prompt.text)
+    else:
+        ids = reward_model.encode_completion(prompt.text, completion)
+    return reward_model.fit(ids)

@@ -1,0 +1,130 @@
+"""Training data formats: SFT examples and preference groups (pairs, rankings with ties, feedback).
+
+Preference data, JSONL, each prompt a string or a chat messages list:
+- pairs: {"prompt", "chosen", "rejected"} with optional "margin" (TRL / OpenRLHF convention);
+- rankings: {"prompt", "responses": [...], "ranks": [...]} where rank 1 is best and equal ranks
+  are ties, or {"prompt", "responses", "scores": [...]} where higher is better.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+Prompt = str | list[dict[str, str]]
+
+
+class DataError(ValueError):
+    """A record that cannot be used; the message names the file, line and field."""
+
+
+@dataclass
+class SFTExample:
+    prompt: Prompt
+    completion: str
+
+
+@dataclass
+class PreferenceGroup:
+    """K responses to one prompt; `ranks[i] < ranks[j]` means response i is preferred."""
+
+    prompt: Prompt
+    responses: list[str]
+    ranks: list[float]
+    margin: float = 0.0  # required reward gap for every pair of this group
+
+    def pairs(self) -> list[tuple[int, int]]:
+        """(winner, loser) for every two responses of different rank; ties give no pair."""
+        k = len(self.responses)
+        return [(i, j) for i in range(k) for j in range(k) if self.ranks[i] < self.ranks[j]]
+
+
+def read_jsonl(path: Path) -> list[tuple[int, dict[str, Any]]]:
+    """(line number, record) for every non-blank line."""
+    records = []
+    with Path(path).open() as f:
+        for number, line in enumerate(f, start=1):
+            if line.strip():
+                try:
+                    records.append((number, json.loads(line)))
+                except json.JSONDecodeError as error:
+                    raise DataError(f"{path}:{number}: not JSON ({error})") from None
+    return records
+
+
+def _prompt(record: dict, where: str) -> Prompt:
+    prompt = record.get("prompt")
+    if isinstance(prompt, str):
+        return prompt
+    if isinstance(prompt, list) and all(
+        isinstance(m, dict) and "role" in m and "content" in m for m in prompt
+    ):
+        return prompt
+    raise DataError(f"{where}: 'prompt' must be a string or a list of {{role, content}} messages")
+
+
+def load_sft(path: Path) -> list[SFTExample]:
+    """{"prompt", "completion"} records, or {"messages": [...]} whose last message is the assistant's."""
+    examples = []
+    for number, record in read_jsonl(path):
+        where = f"{path}:{number}"
+        if "messages" in record:
+            messages = record["messages"]
+            if not messages or messages[-1].get("role") != "assistant":
+                raise DataError(f"{where}: 'messages' must end with an assistant message (the target)")
+            examples.append(SFTExample(messages[:-1], messages[-1]["content"]))
+        elif isinstance(record.get("completion"), str):
+            examples.append(SFTExample(_prompt(record, where), record["completion"]))
+        else:
+            raise DataError(f"{where}: needs 'prompt' and 'completion', or 'messages'")
+    return examples
+
+
+def preference_group(record: dict, where: str) -> PreferenceGroup:
+    """One JSONL record (pair or ranking) as a group."""
+    prompt = _prompt(record, where)
+    if "chosen" in record or "rejected" in record:
+        chosen, rejected = record.get("chosen"), record.get("rejected")
+        if not isinstance(chosen, str) or not isinstance(rejected, str):
+            raise DataError(f"{where}: 'chosen' and 'rejected' must both be strings")
+        return PreferenceGroup(prompt, [chosen, rejected], [1, 2], float(record.get("margin", 0.0)))
+    responses = record.get("responses")
+    if (
+        not isinstance(responses, list)
+        or len(responses) < 2
+        or not all(isinstance(r, str) for r in responses)
+    ):
+        raise DataError(f"{where}: 'responses' must list at least two strings")
+    if "ranks" in record:
+        ranks = record["ranks"]
+    elif "scores" in record:
+        ranks = [-s for s in record["scores"]] if isinstance(record["scores"], list) else None
+    else:
+        raise DataError(f"{where}: a ranking needs 'ranks' (1 = best) or 'scores' (higher = better)")
+    if not isinstance(ranks, list) or len(ranks) != len(responses):
+        raise DataError(f"{where}: 'ranks'/'scores' must have one number per response")
+    return PreferenceGroup(prompt, responses, [float(r) for r in ranks], float(record.get("margin", 0.0)))
+
+
+def load_preferences(paths: list[Path]) -> list[PreferenceGroup]:
+    groups = []
+    for path in paths:
+        for number, record in read_jsonl(path):
+            groups.append(preference_group(record, f"{path}:{number}"))
+    return groups
+
+
+def load_feedback(sample_log: Path) -> list[PreferenceGroup]:
+    """Comparisons collected by `POST /v1/feedback`, as groups over the ranked candidates."""
+    from server.sample_log import read_feedback
+
+    groups = []
+    for row in read_feedback(sample_log):
+        ranked = [(c, r) for c, r in zip(row["completions"], row["ranks"], strict=True) if r is not None]
+        if row["prompt"] is not None and len(ranked) >= 2:
+            groups.append(
+                PreferenceGroup(row["prompt"], [c for c, _ in ranked], [float(r) for _, r in ranked])
+            )
+    return groups

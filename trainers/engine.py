@@ -1,0 +1,175 @@
+"""What every recipe shares: arguments, the accelerate set-up, the optimisation loop, publishing.
+
+The loop is written once here and takes a recipe's loss function, so gradient accumulation,
+clipping, scheduling, logging and progress look the same in SFT, reward and RAFT training.
+accelerate does DDP/FSDP/DeepSpeed: `accelerate launch` or `torchrun` start the processes, this
+code does not change.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import uuid
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from tqdm import tqdm
+from transformers import PreTrainedModel, get_scheduler
+
+
+@dataclass
+class TrainArgs:
+    """Hyperparameters shared by the recipes; defaults suit fine-tuning a real pretrained model."""
+
+    epochs: int = 1
+    learning_rate: float = 1e-5  # full fine-tuning of a pretrained LM; tiny models from scratch want ~1e-3
+    batch_size: int = 8  # per process, before accumulation
+    max_length: int = 1024
+    seed: int = 0
+    gradient_accumulation_steps: int = 1
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    lora_rank: int = 0  # > 0 trains LoRA adapters (peft) and merges them into the saved checkpoint
+
+
+def add_train_args(parser: argparse.ArgumentParser, **defaults) -> None:
+    """One flag per TrainArgs field; a recipe may change a default (e.g. a reward model's lr)."""
+    base = TrainArgs(**defaults)
+    for name, value in asdict(base).items():
+        parser.add_argument("--" + name.replace("_", "-"), type=type(value), default=value)
+
+
+def train_args(namespace: argparse.Namespace) -> TrainArgs:
+    return TrainArgs(**{name: getattr(namespace, name) for name in TrainArgs.__dataclass_fields__})
+
+
+def make_accelerator(args: TrainArgs) -> Accelerator:
+    accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps)
+    set_seed(args.seed)
+    return accelerator
+
+
+def with_lora(model: PreTrainedModel, args: TrainArgs, task_type: str) -> PreTrainedModel:
+    if args.lora_rank <= 0:
+        return model
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        raise SystemExit("--lora-rank needs peft: pip install 'bon[lora]'") from None
+    config = LoraConfig(
+        r=args.lora_rank, lora_alpha=2 * args.lora_rank, target_modules="all-linear", task_type=task_type
+    )
+    return get_peft_model(model, config)
+
+
+def mergeable(model) -> PreTrainedModel:
+    """The plain HF model to save: LoRA adapters merged in, so `bon serve` and vLLM load it as is."""
+    return model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
+
+
+def fit(
+    accelerator: Accelerator,
+    model: torch.nn.Module,
+    batches: Iterable,
+    loss_fn: Callable[[torch.nn.Module, dict], tuple[torch.Tensor, dict[str, float]]],
+    args: TrainArgs,
+    steps_per_epoch: int,
+    description: str,
+    evaluate: Callable[[], dict[str, float]] | None = None,
+) -> list[dict[str, float]]:
+    """Train `model` (already prepared) for `args.epochs`; returns one history row per optimiser step.
+
+    `loss_fn(model, batch)` returns the loss and extra numbers to log. `evaluate()`, if given,
+    runs after each epoch and its numbers join that step's row.
+    """
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=args.learning_rate, weight_decay=args.weight_decay)
+    total = max(1, math.ceil(steps_per_epoch / args.gradient_accumulation_steps) * args.epochs)
+    schedule = get_scheduler("cosine", optimizer, math.ceil(args.warmup_ratio * total), total)
+    optimizer, schedule = accelerator.prepare(optimizer, schedule)
+
+    history: list[dict[str, float]] = []
+    bar = tqdm(total=total, desc=description, disable=not accelerator.is_local_main_process)
+    step = 0
+    for epoch in range(args.epochs):
+        model.train()
+        for batch in batches:
+            with accelerator.accumulate(model):
+                loss, extra = loss_fn(model, batch)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(trainable, args.max_grad_norm)
+                optimizer.step()
+                schedule.step()
+                optimizer.zero_grad()
+            if accelerator.sync_gradients:
+                step += 1
+                # The mean over processes, so every rank logs the same numbers.
+                row = {"step": step, "epoch": epoch + 1, "lr": schedule.get_last_lr()[0]}
+                row["loss"] = accelerator.reduce(loss.detach(), reduction="mean").item()
+                row.update(extra)
+                history.append(row)
+                bar.update()
+                bar.set_postfix(loss=f"{row['loss']:.4f}")
+        if evaluate is not None:
+            model.eval()
+            history[-1].update(evaluate())
+            model.train()
+    bar.close()
+    return history
+
+
+def check_new_output(output: Path) -> None:
+    if output.exists():
+        raise SystemExit(f"--output {output} already exists; each run writes a new checkpoint directory")
+
+
+def publish(accelerator: Accelerator, output: Path, write: Callable[[Path], None]) -> None:
+    """Write a checkpoint into a temporary sibling, then rename it to `output` in one step.
+
+    A reader (a server watching the parent directory) sees either nothing or the whole checkpoint;
+    a run that dies midway leaves only a `.tmp-` directory behind, never a half-written `output`.
+    """
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        check_new_output(output)
+        output.parent.mkdir(parents=True, exist_ok=True)
+        staging = output.parent / f".{output.name}.tmp-{uuid.uuid4().hex[:8]}"
+        try:
+            write(staging)
+            os.rename(staging, output)  # atomic on one filesystem; fails if output appeared meanwhile
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def write_history(history: list[dict[str, float]], directory: Path, title: str) -> None:
+    """training_history.json and training_curves.png (one panel per logged quantity)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    (directory / "training_history.json").write_text(json.dumps(history, indent=1))
+    keys = [k for k in dict.fromkeys(k for row in history for k in row) if k not in ("step", "epoch")]
+    if not keys:
+        return
+    figure, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3), squeeze=False)
+    for axis, key in zip(axes[0], keys, strict=True):
+        points = [(row["step"], row[key]) for row in history if key in row]
+        axis.plot(*zip(*points, strict=True), marker="." if len(points) < 30 else None)
+        axis.set_title(key)
+        axis.set_xlabel("step")
+    figure.suptitle(title)
+    figure.tight_layout()
+    figure.savefig(directory / "training_curves.png", dpi=80)
+    plt.close(figure)

@@ -1,0 +1,214 @@
+"""Reward-model recipe: a Bradley-Terry head on an SFT policy, from pairs, rankings and feedback.
+
+    bon train rm --base DIR --data FILE [FILE...] [--sample-log PATH] --output DIR
+
+Each step scores all K responses of every prompt in the batch in one forward pass and uses every
+pair of different rank (InstructGPT's K-choose-2); ties give no pair. Loss: mean over pairs of
+-log sigmoid(r_w - r_l - margin), plus an optional centering term. The input of each response
+is built exactly as `bon serve` builds it, and the result is an HF sequence-classification
+directory (num_labels=1, pad token set) that `bon serve` and vLLM load unchanged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
+
+from server.prompts import render_messages
+from server.reward import LastTokenReward, encode_chat, encode_completion, pad_right
+from trainers.data import PreferenceGroup, load_feedback, load_preferences
+from trainers.engine import (
+    TrainArgs,
+    add_train_args,
+    check_new_output,
+    fit,
+    make_accelerator,
+    mergeable,
+    publish,
+    train_args,
+    with_lora,
+    write_history,
+)
+from trainers.losses import bradley_terry_loss, reward_centering
+
+
+def encode_response(tokenizer: PreTrainedTokenizerBase, prompt, response: str, max_length: int) -> list[int]:
+    """The server's RM input rule; over-long inputs keep their tail, as the server does."""
+    if isinstance(prompt, str):
+        ids = encode_completion(tokenizer, prompt, response)
+    else:
+        # The base is the SFT policy, so its rendering is the policy's, as on the server.
+        ids = encode_chat(tokenizer, prompt, response, fallback_prompt=render_messages(tokenizer, prompt))
+    return ids[-max_length:]
+
+
+@dataclass
+class EncodedGroup:
+    responses: list[list[int]]
+    pairs: list[tuple[int, int]]
+    margin: float
+
+
+def collate(groups: list[EncodedGroup], pad_id: int) -> dict[str, torch.Tensor]:
+    """All responses of all groups flattened into one batch, pairs re-indexed into it."""
+    sequences, winners, losers, margins = [], [], [], []
+    for group in groups:
+        offset = len(sequences)
+        sequences += group.responses
+        for w, lo in group.pairs:
+            winners.append(offset + w)
+            losers.append(offset + lo)
+            margins.append(group.margin)
+    input_ids, mask = pad_right(sequences, pad_id)
+    return {
+        "input_ids": input_ids,  # (N, T), N = all responses of the batch
+        "attention_mask": mask,
+        "winners": torch.tensor(winners, dtype=torch.long),  # (P,)
+        "losers": torch.tensor(losers, dtype=torch.long),
+        "margins": torch.tensor(margins, dtype=torch.float),
+    }
+
+
+def make_step(centering: float):
+    def rm_step(
+        model: torch.nn.Module, batch: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        rewards = model(
+            batch["input_ids"], batch["attention_mask"]
+        )  # (N,) one forward for all K of each prompt
+        loss = bradley_terry_loss(rewards, batch["winners"], batch["losers"], batch["margins"])
+        if centering:
+            loss = loss + reward_centering(rewards, centering)
+        accuracy = (rewards[batch["winners"]] > rewards[batch["losers"]]).float().mean().item()
+        return loss, {"train_accuracy": accuracy}
+
+    return rm_step
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, groups: list[EncodedGroup], pad_id: int, device) -> dict[str, float]:
+    """Held-out pairwise accuracy, BT loss and reward mean/std."""
+    if not groups:
+        return {}
+    correct = pairs = 0
+    losses, rewards_all = [], []
+    for start in range(0, len(groups), 16):
+        batch = {k: v.to(device) for k, v in collate(groups[start : start + 16], pad_id).items()}
+        rewards = model(batch["input_ids"], batch["attention_mask"])
+        rewards_all.append(rewards)
+        if len(batch["winners"]):
+            margin = rewards[batch["winners"]] - rewards[batch["losers"]]
+            correct += int((margin > 0).sum())
+            pairs += len(margin)
+            losses.append(
+                bradley_terry_loss(rewards, batch["winners"], batch["losers"], batch["margins"]) * len(margin)
+            )
+    rewards = torch.cat(rewards_all)
+    return {
+        "eval_accuracy": correct / max(pairs, 1),
+        "eval_loss": float(sum(losses) / max(pairs, 1)),
+        "eval_reward_mean": rewards.mean().item(),
+        "eval_reward_std": rewards.std().item() if len(rewards) > 1 else 0.0,
+    }
+
+
+def train_reward_model(
+    base: Path,
+    groups: list[PreferenceGroup],
+    args: TrainArgs,
+    output: Path,
+    eval_fraction: float = 0.1,
+    centering: float = 0.0,
+    eval_groups: list[PreferenceGroup] | None = None,
+) -> list[dict[str, float]]:
+    """Train and publish a reward model; returns the history (the last row holds the eval numbers)."""
+    check_new_output(output)
+    accelerator = make_accelerator(args)
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model = with_lora(model, args, "SEQ_CLS")
+
+    encoded = [
+        EncodedGroup(
+            [encode_response(tokenizer, g.prompt, r, args.max_length) for r in g.responses],
+            g.pairs(),
+            g.margin,
+        )
+        for g in groups
+    ]
+    encoded = [g for g in encoded if g.pairs]  # all-tie groups teach nothing
+    if eval_groups is None:
+        random.Random(args.seed).shuffle(encoded)
+        held = int(len(encoded) * eval_fraction)
+        held_out, encoded = encoded[:held], encoded[held:]
+    else:
+        held_out = [
+            EncodedGroup(
+                [encode_response(tokenizer, g.prompt, r, args.max_length) for r in g.responses],
+                g.pairs(),
+                g.margin,
+            )
+            for g in eval_groups
+        ]
+    if not encoded:
+        raise SystemExit("no training pairs: every group is a single response or all ties")
+
+    scorer = LastTokenReward(model)
+    loader = DataLoader(
+        encoded,
+        batch_size=args.batch_size,
+        shuffle=True,
+        collate_fn=lambda gs: collate(gs, tokenizer.pad_token_id),
+    )
+    scorer, loader = accelerator.prepare(scorer, loader)
+    history = fit(
+        accelerator,
+        scorer,
+        loader,
+        make_step(centering),
+        args,
+        len(loader),
+        "reward model",
+        evaluate=lambda: evaluate(scorer, held_out, tokenizer.pad_token_id, accelerator.device),
+    )
+
+    def write(directory: Path) -> None:
+        trained = mergeable(accelerator.unwrap_model(scorer).model)
+        trained.save_pretrained(directory)
+        tokenizer.save_pretrained(directory)
+        write_history(history, directory, "reward model")
+
+    publish(accelerator, output, write)
+    return history
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(
+        prog="bon train rm", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--base", type=Path, required=True, help="SFT policy directory to start from")
+    parser.add_argument("--data", type=Path, nargs="*", default=[], help="JSONL pairs or rankings")
+    parser.add_argument("--sample-log", type=Path, help="also train on the feedback stored by bon serve")
+    parser.add_argument("--output", type=Path, required=True)
+    parser.add_argument("--eval-fraction", type=float, default=0.1, help="prompts held out for evaluation")
+    parser.add_argument("--centering", type=float, default=0.0, help="coefficient of mean(r^2)")
+    add_train_args(parser, learning_rate=5e-6, batch_size=4, max_length=1024)
+    args = parser.parse_args(argv)
+    groups = load_preferences(args.data)
+    if args.sample_log:
+        groups += load_feedback(args.sample_log)
+    if not groups:
+        parser.error("no data: give --data FILE and/or --sample-log PATH")
+    history = train_reward_model(
+        args.base, groups, train_args(args), args.output, args.eval_fraction, args.centering
+    )
+    return {k: round(v, 4) for k, v in history[-1].items() if k.startswith("eval_")}
