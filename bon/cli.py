@@ -1,4 +1,8 @@
-"""`bon`: one command, with a subcommand per job (serve, export-samples)."""
+"""`bon`: one command, with a subcommand per job.
+
+serve, export-samples, train {sft,rm,raft}, demo. The trainers are imported only for `train` and
+`demo`, so serving never loads them.
+"""
 
 from __future__ import annotations
 
@@ -36,7 +40,7 @@ def _serve(args: argparse.Namespace) -> int:
     from server.reward import load_reward_model
     from server.settings import Settings
 
-    given = {k: v for k, v in vars(args).items() if k not in ("command", "func")}
+    given = {k: v for k, v in vars(args).items() if k in Settings.model_fields}
     try:
         settings = Settings(**given)
     except ValidationError as error:
@@ -75,6 +79,25 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+TRAINERS = {"sft": "trainers.sft", "rm": "trainers.reward", "raft": "trainers.raft"}
+
+
+def _train(args: argparse.Namespace) -> int:
+    import importlib
+    import json
+
+    summary = importlib.import_module(TRAINERS[args.method]).main(args.rest)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from trainers.demo.pipeline import main as demo_main
+
+    demo_main(args.rest)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bon", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -86,9 +109,27 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--format", choices=["jsonl", "parquet"], default="jsonl")
     export.add_argument("-o", "--output", type=Path, required=True)
     export.set_defaults(func=_export)
+
+    train = commands.add_parser(
+        "train",
+        help="train a policy (sft), a reward model (rm) or RAFT; `bon train METHOD --help`",
+        add_help=False,
+    )
+    train.add_argument("method", choices=sorted(TRAINERS))
+    train.set_defaults(func=_train, passes_through=True)
+
+    demo = commands.add_parser(
+        "demo", help="the whole pipeline from scratch on CPU; `bon demo --help`", add_help=False
+    )
+    demo.set_defaults(func=_demo, passes_through=True)
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # train and demo hand their flags to the recipe's own parser (its --help lists them).
+    args, rest = parser.parse_known_args(argv)
+    if rest and not getattr(args, "passes_through", False):
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    args.rest = rest
     sys.exit(args.func(args))

@@ -63,16 +63,24 @@ def train_tokenizer(
     seed: int = 0,
     chat_template: str | None = None,
     prepend_bos: bool = False,
+    corpus: list[str] | None = None,
+    individual_digits: bool = False,
 ) -> PreTrainedTokenizerFast:
     """Train a byte-level BPE tokenizer; `special` maps HF roles (bos/eos/pad/unk) to token strings.
 
     `prepend_bos` makes the tokenizer add its bos token by default, as Llama's does, so callers
-    must respect `add_special_tokens` to get the right input.
+    must respect `add_special_tokens` to get the right input. `individual_digits` keeps every digit
+    its own token (arithmetic is far easier to learn that way). `corpus` defaults to synthetic text.
     """
     extra = ["<|user|>", "<|assistant|>", "<|system|>", "<|end|>"]
     specials = list(dict.fromkeys([*special.values(), *extra]))
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.pre_tokenizer = (
+        pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+        if individual_digits
+        else byte_level
+    )
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
@@ -80,7 +88,7 @@ def train_tokenizer(
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(synthetic_corpus(seed=seed), trainer=trainer)
+    tok.train_from_iterator(corpus or synthetic_corpus(seed=seed), trainer=trainer)
     if prepend_bos:
         bos = special["bos_token"]
         tok.post_processor = processors.TemplateProcessing(

@@ -1,0 +1,366 @@
+"""`bon demo`: the lecture's pipeline from scratch on CPU, measured on held-out prompts.
+
+train a tokenizer -> SFT a tiny policy -> sample K per prompt -> rank by the gold scorer -> train
+the Bradley-Terry RM (initialised from the SFT policy) -> serve best-of-N -> send training-split
+prompts through the HTTP API -> RAFT on the candidate log -> reload -> repeat.
+
+    bon demo --output DIR [--rounds 3] [--seed 0]
+
+Prints a table and writes DIR/demo.json. Every figure is measured on held-out prompts, which
+never reach a trainer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import httpx
+import torch
+
+from bon.tiny_models import build_model, train_tokenizer
+from server.decoding import generate
+from server.policy import load_policy
+from server.prompts import make_prompt, reward_input
+from server.reward import load_reward_model
+from server.sampling import SampleRequest, SamplingParams
+from trainers.data import PreferenceGroup, SFTExample
+from trainers.demo.tasks import Item, answer_of, distinct_2, gold_score, is_correct, suite
+from trainers.engine import TrainArgs
+from trainers.raft import Selection, raft_from_log
+from trainers.reward import train_reward_model
+from trainers.sft import finetune
+
+ADMIN_KEY = "demo-admin-key"
+
+
+@dataclass
+class DemoConfig:
+    output: Path
+    seed: int = 0
+    n: int = 16  # best-of-N measured on held-out prompts
+    rm_samples: int = 8  # candidates per prompt ranked by the gold scorer for RM training
+    rm_prompts: int = 800
+    rounds: int = 3
+    round_prompts: int = 600  # training-split prompts sent through the server per RAFT round
+    serve_best_of: int = 8
+    max_new_tokens: int = 8
+    hidden: int = 128
+    layers: int = 4
+    sft_epochs: int = 12
+    sft_learning_rate: float = 2e-3
+    rm_epochs: int = 3
+    rm_learning_rate: float = 5e-4
+    raft_epochs: int = 2
+    raft_learning_rate: float = 2e-4
+
+
+def completion(item: Item) -> str:
+    return " " + item.answer
+
+
+def sample(policy_dir: Path, items: list[Item], k: int, cfg: DemoConfig, seed: int) -> list[list[str]]:
+    """k candidates per item at temperature 1, with the server's decoding code."""
+    policy = load_policy(policy_dir, "cpu", "auto")
+    texts = []
+    for start in range(0, len(items), 64):
+        chunk = items[start : start + 64]
+        requests = [
+            SampleRequest(
+                make_prompt(policy.tokenizer, i.prompt).token_ids,
+                k,
+                SamplingParams(max_tokens=cfg.max_new_tokens, seed=seed + start + j),
+            )
+            for j, i in enumerate(chunk)
+        ]
+        texts += [
+            [c.text for c in cands]
+            for cands in generate(policy.model, policy.tokenizer, requests, policy.eos_ids)
+        ]
+    return texts
+
+
+def ranked_groups(items: list[Item], samples: list[list[str]]) -> list[PreferenceGroup]:
+    """Rankings by the gold scorer: higher score, better rank; equal scores are ties."""
+    return [
+        PreferenceGroup(i.prompt, texts, [-gold_score(i, t) for t in texts])
+        for i, texts in zip(items, samples, strict=True)
+    ]
+
+
+def rewards(rm_dir: Path, items: list[Item], samples: list[list[str]]) -> list[list[float]]:
+    rm = load_reward_model(rm_dir, "cpu", "auto")
+    prompts = {i.prompt: make_prompt(rm.tokenizer, i.prompt) for i in items}  # text prompts: same text
+    return [
+        rm.score([reward_input(rm, prompts[i.prompt], t).token_ids for t in texts])
+        for i, texts in zip(items, samples, strict=True)
+    ]
+
+
+def pairwise_accuracy(groups: list[PreferenceGroup], scores: list[list[float]]) -> float:
+    right = total = 0
+    for group, r in zip(groups, scores, strict=True):
+        for w, lo in group.pairs():
+            right += r[w] > r[lo]
+            total += 1
+    return right / max(total, 1)
+
+
+def evaluate(policy_dir: Path, rm_dir: Path, items: list[Item], cfg: DemoConfig) -> dict:
+    """pass@1 (expected, over N samples), best-of-N by the RM and by the gold scorer, diversity."""
+    samples = sample(policy_dir, items, cfg.n, cfg, seed=10_000)
+    scores = rewards(rm_dir, items, samples)
+    correct = [[is_correct(i, t) for t in texts] for i, texts in zip(items, samples, strict=True)]
+    answers = [[answer_of(t) for t in texts] for texts in samples]
+    return {
+        "pass_at_1": statistics.fmean(statistics.fmean(c) for c in correct),
+        "bon_pass": statistics.fmean(
+            c[max(range(len(r)), key=r.__getitem__)] for c, r in zip(correct, scores, strict=True)
+        ),
+        "oracle_bon_pass": statistics.fmean(any(c) for c in correct),
+        "mean_gold": statistics.fmean(
+            gold_score(i, t) for i, texts in zip(items, samples, strict=True) for t in texts
+        ),
+        "distinct_2": distinct_2([a for group in answers for a in group]),
+        "distinct_2_per_input": statistics.fmean(distinct_2(group) for group in answers),
+        "by_task": {
+            task: statistics.fmean(
+                statistics.fmean(c) for i, c in zip(items, correct, strict=True) if i.task == task
+            )
+            for task in sorted({i.task for i in items})
+        },
+    }
+
+
+class Server:
+    """`bon serve` as a subprocess, as a user runs it."""
+
+    def __init__(self, policy: Path, rm: Path, workdir: Path, port: int, best_of: int):
+        self.url = f"http://127.0.0.1:{port}"
+        self.log = (workdir / "server.log").open("w")
+        self.process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "bon",
+                "serve",
+                "--policy",
+                str(policy),
+                "--reward-model",
+                str(rm),
+                "--port",
+                str(port),
+                "--sample-log",
+                str(workdir / "samples.db"),
+                "--admin-key",
+                ADMIN_KEY,
+                "--max-best-of",
+                str(best_of),
+                "--served-model-name",
+                "demo",
+            ],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"bon serve exited; see {workdir / 'server.log'}")
+            try:
+                if httpx.get(f"{self.url}/ready").status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        raise RuntimeError("bon serve did not become ready")
+
+    def send(self, items: list[Item], best_of: int, max_tokens: int, seed: int) -> None:
+        """The training split through the real API, 16 clients at a time; the server logs everything."""
+        from openai import AsyncOpenAI
+
+        async def run():
+            client = AsyncOpenAI(base_url=f"{self.url}/v1", api_key="unused", max_retries=2)
+            limit = asyncio.Semaphore(16)
+
+            async def one(index: int, item: Item):
+                async with limit:
+                    await client.completions.create(
+                        model="demo",
+                        prompt=item.prompt,
+                        max_tokens=max_tokens,
+                        temperature=1.0,
+                        seed=seed + index,
+                        extra_body={"best_of": best_of},
+                    )
+
+            await asyncio.gather(*(one(i, item) for i, item in enumerate(items)))
+
+        asyncio.run(run())
+
+    def reload(self, policy: Path) -> dict:
+        response = httpx.post(
+            f"{self.url}/admin/reload",
+            json={"policy": str(policy)},
+            headers={"Authorization": f"Bearer {ADMIN_KEY}"},
+            timeout=120,
+        )
+        response.raise_for_status()
+        return response.json()
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=60)
+        self.log.close()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(cfg: DemoConfig) -> dict:
+    start = time.time()
+    out = cfg.output
+    if out.exists() and any(out.iterdir()):
+        raise SystemExit(f"--output {out} is not empty")
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    rng = random.Random(cfg.seed)
+    train, held_out = suite(cfg.seed)
+    say = lambda message: print(f"[{time.time() - start:6.0f}s] {message}", flush=True)  # noqa: E731
+
+    say(f"tokenizer and a random GPT-2 ({len(train)} training prompts, {len(held_out)} held out)")
+    corpus = [i.prompt + completion(i) for i in train]
+    tokenizer = train_tokenizer(
+        160,
+        {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "pad_token": "<|pad|>"},
+        corpus=corpus,
+        individual_digits=True,
+    )
+    base = build_model(
+        out / "base", "gpt2", tokenizer, hidden=cfg.hidden, layers=cfg.layers, ctx=64, seed=cfg.seed
+    )
+
+    say("SFT")
+    sft_args = TrainArgs(
+        epochs=cfg.sft_epochs,
+        learning_rate=cfg.sft_learning_rate,
+        batch_size=64,
+        max_length=32,
+        seed=cfg.seed,
+        warmup_ratio=0.05,
+    )
+    finetune(base, [SFTExample(i.prompt, completion(i)) for i in train], sft_args, out / "sft", "sft")
+
+    say(f"sampling {cfg.rm_samples} per prompt, ranking by the gold scorer")
+    rm_items = rng.sample(train, cfg.rm_prompts)
+    rm_groups = ranked_groups(rm_items, sample(out / "sft", rm_items, cfg.rm_samples, cfg, seed=1))
+    held_groups = ranked_groups(held_out, sample(out / "sft", held_out, cfg.rm_samples, cfg, seed=2))
+
+    say("reward model (Bradley-Terry, initialised from SFT)")
+    rm_args = TrainArgs(
+        epochs=cfg.rm_epochs,
+        learning_rate=cfg.rm_learning_rate,
+        batch_size=8,
+        max_length=32,
+        seed=cfg.seed,
+        warmup_ratio=0.05,
+    )
+    train_reward_model(out / "sft", rm_groups, rm_args, out / "reward_model", eval_groups=held_groups)
+    rm_accuracy = pairwise_accuracy(
+        held_groups, rewards(out / "reward_model", held_out, [g.responses for g in held_groups])
+    )
+
+    say("evaluating the SFT policy on held-out prompts")
+    first = evaluate(out / "sft", out / "reward_model", held_out, cfg)
+    rounds, policy = [], out / "sft"
+    server = Server(policy, out / "reward_model", out, free_port(), cfg.serve_best_of)
+    try:
+        for round_number in range(1, cfg.rounds + 1):
+            items = rng.sample(train, cfg.round_prompts)
+            say(
+                f"round {round_number}: {len(items)} prompts through the server (best_of {cfg.serve_best_of})"
+            )
+            server.send(items, cfg.serve_best_of, cfg.max_new_tokens, seed=round_number * 100_000)
+            time.sleep(1.5)  # the log commits at least every second
+            raft_args = TrainArgs(
+                epochs=cfg.raft_epochs,
+                learning_rate=cfg.raft_learning_rate,
+                batch_size=32,
+                max_length=32,
+                seed=cfg.seed + round_number,
+                warmup_ratio=0.0,
+            )
+            target = out / f"raft-{round_number}"
+            manifest = raft_from_log(policy, out / "samples.db", target, raft_args, Selection(top_k=1))
+            server.reload(target)
+            policy = target
+            result = evaluate(policy, out / "reward_model", held_out, cfg)
+            say(f"round {round_number}: pass@1 {result['pass_at_1']:.3f}")
+            rounds.append(
+                {k: result[k] for k in ("pass_at_1", "mean_gold", "distinct_2", "distinct_2_per_input")}
+                | {"by_task": result["by_task"], "samples_kept": manifest["samples_kept"]}
+            )
+    finally:
+        server.stop()
+
+    report = {
+        "n": cfg.n,
+        "policy_pass_at_1": first["pass_at_1"],
+        "bon_pass": first["bon_pass"],
+        "oracle_bon_pass": first["oracle_bon_pass"],
+        "rm_accuracy": rm_accuracy,
+        "sft": {k: first[k] for k in ("mean_gold", "distinct_2", "distinct_2_per_input", "by_task")},
+        "raft_rounds": rounds,
+        "models": {"sft": str(out / "sft"), "reward_model": str(out / "reward_model"), "policy": str(policy)},
+        "held_out_prompts": len(held_out),
+        "config": {k: str(v) for k, v in asdict(cfg).items()},
+        "seconds": time.time() - start,
+    }
+    (out / "demo.json").write_text(json.dumps(report, indent=2))
+    print_table(report)
+    return report
+
+
+def print_table(report: dict) -> None:
+    gain = report["oracle_bon_pass"] - report["policy_pass_at_1"]
+    rows = [
+        ("policy pass@1 (SFT)", report["policy_pass_at_1"]),
+        (f"best-of-{report['n']}, learned RM", report["bon_pass"]),
+        (f"best-of-{report['n']}, oracle", report["oracle_bon_pass"]),
+        ("RM held-out pairwise accuracy", report["rm_accuracy"]),
+    ]
+    rows += [(f"RAFT round {i} pass@1", r["pass_at_1"]) for i, r in enumerate(report["raft_rounds"], 1)]
+    for name, value in rows:
+        print(f"{name:34} {value:.3f}")
+    if gain > 0:
+        share = (report["bon_pass"] - report["policy_pass_at_1"]) / gain
+        print(f"{'RM share of the oracle gain':34} {share:.2f}")
+        if report["raft_rounds"]:
+            closed = (report["raft_rounds"][-1]["pass_at_1"] - report["policy_pass_at_1"]) / gain
+            print(f"{'gap closed by RAFT':34} {closed:.2f}")
+    print(f"wrote {report['models']} and demo.json in {report['seconds']:.0f}s")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(
+        prog="bon demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--output", type=Path, required=True)
+    for name, field in DemoConfig.__dataclass_fields__.items():
+        if name != "output":
+            parser.add_argument(
+                "--" + name.replace("_", "-"), type=type(field.default), default=field.default
+            )
+    return run(DemoConfig(**vars(parser.parse_args(argv))))

@@ -1,0 +1,300 @@
+"""RAFT recipe: fine-tune the policy on its own best samples (reward-ranked fine-tuning).
+
+From the server's candidate log (the closed loop: serve -> log -> RAFT -> reload):
+
+    bon train raft --policy DIR --sample-log PATH --output DIR [--since T] [--top-k 1 | --top-fraction F]
+
+reads the candidates logged in a window, groups them by prompt, keeps the top k per prompt
+(local ranking) or the top fraction overall (global), after filters (minimum reward, minimum
+candidates per prompt, duplicates removed), and fine-tunes with the SFT loss. When --policy is
+itself a RAFT output, the window starts where its manifest's window ended.
+
+Self-sampling (the paper's loop):
+
+    bon train raft --policy DIR --prompts FILE --reward-model DIR --output DIR [--iterations I -k K]
+
+samples K per prompt, scores with the RM, keeps the best, fine-tunes, and repeats I times.
+
+Every run publishes a new checkpoint atomically at --output (which must not exist): the HF
+directory plus raft_manifest.json (parent, window, counts, reward statistics of kept vs all,
+hyperparameters) and the training curves.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import statistics
+import time
+import uuid
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+
+from server.checkpoints import model_version
+from server.decoding import generate
+from server.policy import load_policy
+from server.prompts import make_prompt, reward_input
+from server.reward import load_reward_model
+from server.sample_log import read_records
+from server.sampling import SampleRequest, SamplingParams
+from trainers.data import Prompt, SFTExample, read_jsonl
+from trainers.engine import TrainArgs, add_train_args, check_new_output, train_args
+from trainers.sft import finetune
+
+MANIFEST = "raft_manifest.json"
+
+
+@dataclass
+class Sample:
+    prompt: Prompt
+    completion: str
+    reward: float
+
+
+@dataclass
+class Selection:
+    top_k: int = 1  # local ranking: the best k of each prompt
+    top_fraction: float | None = None  # global ranking instead: the best fraction of all samples
+    min_reward: float | None = None
+    min_candidates: int = 1  # prompts with fewer candidates are skipped (too little to rank)
+
+
+def prompt_key(prompt: Prompt) -> str:
+    return json.dumps(prompt, sort_keys=True)
+
+
+def group_by_prompt(samples: list[Sample]) -> dict[str, list[Sample]]:
+    groups: dict[str, list[Sample]] = {}
+    for sample in samples:
+        groups.setdefault(prompt_key(sample.prompt), []).append(sample)
+    return groups
+
+
+def select(samples: list[Sample], rule: Selection) -> list[Sample]:
+    """The samples to fine-tune on, best first within each prompt (local) or overall (global).
+
+    Duplicates (same prompt and completion) count once, keeping the higher reward.
+    """
+    kept_groups = []
+    for group in group_by_prompt(samples).values():
+        if len(group) < rule.min_candidates:
+            continue
+        unique: dict[str, Sample] = {}
+        for sample in sorted(group, key=lambda s: -s.reward):
+            unique.setdefault(sample.completion, sample)
+        kept_groups.append(list(unique.values()))
+    if rule.top_fraction is not None:
+        pool = sorted((s for g in kept_groups for s in g), key=lambda s: -s.reward)
+        kept = pool[: math.ceil(rule.top_fraction * len(pool))]
+    else:
+        kept = [s for g in kept_groups for s in g[: rule.top_k]]
+    if rule.min_reward is not None:
+        kept = [s for s in kept if s.reward >= rule.min_reward]
+    return kept
+
+
+def reward_stats(samples: list[Sample]) -> dict[str, float]:
+    rewards = [s.reward for s in samples]
+    if not rewards:
+        return {"count": 0}
+    return {
+        "count": len(rewards),
+        "mean": statistics.fmean(rewards),
+        "std": statistics.pstdev(rewards),
+        "min": min(rewards),
+        "max": max(rewards),
+    }
+
+
+def parent_window_end(policy: Path) -> float:
+    """Where the previous RAFT run's window ended, so periodic runs need no bookkeeping."""
+    manifest = policy / MANIFEST
+    if manifest.is_file():
+        return float(json.loads(manifest.read_text()).get("window", {}).get("until", 0.0))
+    return 0.0
+
+
+def samples_from_log(sample_log: Path, since: float, until: float) -> list[Sample]:
+    return [
+        Sample(r["prompt"], r["completion"], r["reward"])
+        for r in read_records(sample_log)
+        if since < r["created"] <= until
+    ]
+
+
+@torch.inference_mode()
+def sample_and_score(
+    policy_dir: Path,
+    reward_model_dir: Path,
+    prompts: list[Prompt],
+    k: int,
+    params: SamplingParams,
+    batch: int,
+) -> list[Sample]:
+    """K candidates per prompt from the policy, each scored by the RM, with the server's own code."""
+    policy = load_policy(policy_dir, "cuda" if torch.cuda.is_available() else "cpu", "auto")
+    rm = load_reward_model(reward_model_dir, policy.model.device.type, "auto")
+    samples = []
+    for start in range(0, len(prompts), batch):
+        chunk = [make_prompt(policy.tokenizer, p) for p in prompts[start : start + batch]]
+        # A seed per prompt: the same run replays, different prompts draw differently.
+        requests = [
+            SampleRequest(
+                p.token_ids, k, replace(params, seed=None if params.seed is None else params.seed + start + j)
+            )
+            for j, p in enumerate(chunk)
+        ]
+        candidates = generate(policy.model, policy.tokenizer, requests, policy.eos_ids)
+        for raw, prompt, cands in zip(prompts[start : start + batch], chunk, candidates, strict=True):
+            rewards = rm.score([reward_input(rm, prompt, c.text).token_ids for c in cands])
+            samples += [Sample(raw, c.text, r) for c, r in zip(cands, rewards, strict=True)]
+    return samples
+
+
+def _manifest(parent: Path, args: TrainArgs, rule: Selection, all_samples, kept, **extra) -> dict:
+    return {
+        "version": f"raft-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}",
+        "created": time.time(),
+        "parent": {"path": str(parent), "version": model_version(parent)},
+        "prompts": len(group_by_prompt(all_samples)),
+        "prompts_kept": len(group_by_prompt(kept)),
+        "samples_seen": len(all_samples),
+        "samples_kept": len(kept),
+        "reward": {"all": reward_stats(all_samples), "kept": reward_stats(kept)},
+        "selection": asdict(rule),
+        "hyperparameters": asdict(args),
+        **extra,
+    }
+
+
+def raft_from_log(
+    policy: Path, sample_log: Path, output: Path, args: TrainArgs, rule: Selection, since: float | None = None
+) -> dict:
+    """One RAFT step on the logged window; returns the manifest written beside the checkpoint."""
+    check_new_output(output)
+    until = time.time()
+    since = parent_window_end(policy) if since is None else since
+    all_samples = samples_from_log(sample_log, since, until)
+    kept = select(all_samples, rule)
+    if not kept:
+        raise SystemExit(
+            f"nothing to train on: {len(all_samples)} logged candidates in the window after {since}"
+        )
+    manifest = _manifest(
+        policy,
+        args,
+        rule,
+        all_samples,
+        kept,
+        mode="log",
+        sample_log=str(sample_log),
+        window={"since": since, "until": until},
+    )
+    examples = [SFTExample(s.prompt, s.completion) for s in kept]
+    finetune(policy, examples, args, output, "raft", extra_files=lambda: {MANIFEST: manifest})
+    return manifest
+
+
+def raft_self_sampling(
+    policy: Path,
+    prompts: list[Prompt],
+    reward_model: Path,
+    output: Path,
+    args: TrainArgs,
+    rule: Selection,
+    iterations: int,
+    k: int,
+    params: SamplingParams,
+) -> dict:
+    """The RAFT paper's loop; intermediate policies live in a hidden sibling directory."""
+    check_new_output(output)
+    work = output.parent / f".{output.name}.iterations-{uuid.uuid4().hex[:6]}"
+    current, rounds = policy, []
+    try:
+        for i in range(iterations):
+            samples = sample_and_score(current, reward_model, prompts, k, params, batch=8)
+            kept = select(samples, rule)
+            rounds.append({"iteration": i + 1, "all": reward_stats(samples), "kept": reward_stats(kept)})
+            target = output if i == iterations - 1 else work / f"iteration-{i + 1}"
+            manifest = _manifest(
+                policy,
+                args,
+                rule,
+                samples,
+                kept,
+                mode="self-sampling",
+                reward_model=str(reward_model),
+                iterations=rounds,
+                samples_per_prompt=k,
+            )
+            examples = [SFTExample(s.prompt, s.completion) for s in kept]
+            finetune(
+                current,
+                examples,
+                args,
+                target,
+                f"raft iteration {i + 1}",
+                extra_files=lambda m=manifest: {MANIFEST: m},
+            )
+            current = target
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return manifest
+
+
+def load_prompts(path: Path) -> list[Prompt]:
+    """JSONL with a "prompt" (string or messages) per line."""
+    return [record["prompt"] for _, record in read_jsonl(path)]
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(
+        prog="bon train raft", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--policy", type=Path, required=True, help="the policy to improve (not modified)")
+    parser.add_argument(
+        "--output", type=Path, required=True, help="new checkpoint directory (must not exist)"
+    )
+    source = parser.add_argument_group("data: the candidate log, or self-sampling")
+    source.add_argument("--sample-log", type=Path, help="bon serve's candidate log")
+    source.add_argument(
+        "--since", type=float, help="unix time; default: the parent RAFT run's window end, or all"
+    )
+    source.add_argument("--prompts", type=Path, help="JSONL prompts for self-sampling")
+    source.add_argument("--reward-model", type=Path, help="RM for self-sampling")
+    source.add_argument("--iterations", type=int, default=1)
+    source.add_argument("-k", "--samples-per-prompt", type=int, default=8)
+    source.add_argument("--temperature", type=float, default=1.0)
+    source.add_argument("--max-new-tokens", type=int, default=128)
+    pick = parser.add_argument_group("selection")
+    pick.add_argument("--top-k", type=int, default=1, help="keep the best k per prompt (local ranking)")
+    pick.add_argument("--top-fraction", type=float, help="keep the best fraction overall (global ranking)")
+    pick.add_argument("--min-reward", type=float)
+    pick.add_argument("--min-candidates", type=int, default=1)
+    add_train_args(parser)
+    args = parser.parse_args(argv)
+    rule = Selection(args.top_k, args.top_fraction, args.min_reward, args.min_candidates)
+    if args.sample_log and not args.prompts:
+        manifest = raft_from_log(
+            args.policy, args.sample_log, args.output, train_args(args), rule, args.since
+        )
+    elif args.prompts and args.reward_model and not args.sample_log:
+        params = SamplingParams(max_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed)
+        manifest = raft_self_sampling(
+            args.policy,
+            load_prompts(args.prompts),
+            args.reward_model,
+            args.output,
+            train_args(args),
+            rule,
+            args.iterations,
+            args.samples_per_prompt,
+            params,
+        )
+    else:
+        parser.error("give --sample-log PATH, or --prompts FILE with --reward-model DIR")
+    return {k: manifest[k] for k in ("version", "samples_seen", "samples_kept", "reward")}
