@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -65,3 +67,15 @@ def torch_dtype(name: str):
     if name not in DTYPES:
         raise CheckpointError(f"unknown --dtype {name!r}; choose one of {', '.join(DTYPES)}")
     return DTYPES[name]
+
+
+@contextmanager
+def loading(role: str, path: Path) -> Iterator[None]:
+    """Turn whatever a broken checkpoint raises (safetensors, JSON, shape errors...) into a
+    CheckpointError naming the directory, so start-up and reload report it instead of crashing."""
+    try:
+        yield
+    except CheckpointError:
+        raise
+    except Exception as error:
+        raise CheckpointError(f"could not load {role} {path}: {type(error).__name__}: {error}") from error

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from server.checkpoints import checkpoint_dir, context_length, model_version, torch_dtype
+from server.checkpoints import checkpoint_dir, context_length, loading, model_version, torch_dtype
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +36,9 @@ def _eos_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> set[
 
 def load_policy(path: str | Path, device: str, dtype: str) -> Policy:
     directory = checkpoint_dir(path, "policy", "--policy")
-    tokenizer = AutoTokenizer.from_pretrained(directory)
-    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch_dtype(dtype)).to(device).eval()
+    with loading("policy", directory):
+        tokenizer = AutoTokenizer.from_pretrained(directory)
+        model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch_dtype(dtype)).to(device).eval()
     if tokenizer.pad_token_id is None:
         # Padding positions are masked out; any id will do, eos is the customary one.
         log.warning("policy tokenizer has no pad token; padding with eos (%s)", tokenizer.eos_token)

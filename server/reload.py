@@ -12,7 +12,6 @@ import logging
 from pathlib import Path
 
 from server import metrics
-from server.checkpoints import CheckpointError
 from server.decoding import generate
 from server.policy import Policy, load_policy
 from server.reward import RewardModel, load_reward_model
@@ -57,7 +56,7 @@ class Reloader:
         async with self._lock:
             try:
                 policy, reward_model = await asyncio.to_thread(self._load, policy_dir, rm_dir)
-            except (CheckpointError, OSError, ValueError, RuntimeError) as error:
+            except Exception as error:  # whatever the checkpoint did wrong, the old models keep serving
                 for role, given in (("policy", policy_dir), ("reward_model", rm_dir)):
                     if given:
                         metrics.RELOADS.labels(role=role, outcome="refused").inc()

@@ -26,7 +26,14 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from server.checkpoints import CheckpointError, checkpoint_dir, context_length, model_version, torch_dtype
+from server.checkpoints import (
+    CheckpointError,
+    checkpoint_dir,
+    context_length,
+    loading,
+    model_version,
+    torch_dtype,
+)
 
 log = logging.getLogger(__name__)
 
@@ -143,24 +150,26 @@ class RewardModel:
 def load_reward_model(path: str | Path, device: str, dtype: str) -> RewardModel:
     """Load and check a reward model; raises `CheckpointError` naming what is wrong with it."""
     directory = checkpoint_dir(path, "reward model", "--reward-model")
-    config = AutoConfig.from_pretrained(directory)
+    with loading("reward model", directory):
+        config = AutoConfig.from_pretrained(directory)
     if config.num_labels != 1:
         raise CheckpointError(
             f"reward model {directory} has num_labels={config.num_labels}; a Bradley-Terry reward model "
             "has exactly one label (a causal LM directory reports 2: train a reward model first)"
         )
-    model, loading = AutoModelForSequenceClassification.from_pretrained(
-        directory, dtype=torch_dtype(dtype), output_loading_info=True
-    )
+    with loading("reward model", directory):
+        model, report = AutoModelForSequenceClassification.from_pretrained(
+            directory, dtype=torch_dtype(dtype), output_loading_info=True
+        )
+        tokenizer = AutoTokenizer.from_pretrained(directory)
     head = score_head(model)
-    head_missing = [k for k in loading["missing_keys"] if k.split(".")[0] in ("score", "classifier")]
+    head_missing = [k for k in report["missing_keys"] if k.split(".")[0] in ("score", "classifier")]
     if head is None or head_missing:
         raise CheckpointError(
             f"reward model {directory} has no trained score head "
             f"(missing: {', '.join(sorted(head_missing)) or 'score/classifier module'}); "
             "it looks like a causal LM, not a sequence-classification checkpoint"
         )
-    tokenizer = AutoTokenizer.from_pretrained(directory)
     if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
         log.warning(
             "reward model tokenizer has no pad token; using eos (%s) for padding", tokenizer.eos_token

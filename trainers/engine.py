@@ -144,6 +144,7 @@ def publish(accelerator: Accelerator, output: Path, write: Callable[[Path], None
         check_new_output(output)
         output.parent.mkdir(parents=True, exist_ok=True)
         staging = output.parent / f".{output.name}.tmp-{uuid.uuid4().hex[:8]}"
+        staging.mkdir()
         try:
             write(staging)
             os.rename(staging, output)  # atomic on one filesystem; fails if output appeared meanwhile

@@ -64,7 +64,7 @@ def _capitals() -> tuple[list[Item], list[Item]]:
     """Train: every country's first phrasing and half the countries' second; held out: the rest."""
     countries = sorted(CAPITALS)
     first = [Item("capital", f"capital of {c}:", CAPITALS[c]) for c in countries]
-    second = [Item("capital", f"{c} has capital", CAPITALS[c]) for c in countries]
+    second = [Item("capital", f"the capital of {c}:", CAPITALS[c]) for c in countries]
     return first + second[::2], second[1::2]
 
 
@@ -75,7 +75,7 @@ def _reversals(rng: random.Random) -> list[Item]:
 
 
 def suite(
-    seed: int = 0, train_additions: int = 3000, held_out_per_task: int = 60
+    seed: int = 0, train_additions: int = 9000, held_out_per_task: int = 60
 ) -> tuple[list[Item], list[Item]]:
     """(train, held_out) items; the held-out prompts appear nowhere in train."""
     rng = random.Random(seed)
@@ -83,7 +83,7 @@ def suite(
     capitals_train, capitals_held = _capitals()
     held_out = additions[:held_out_per_task] + reversals[:held_out_per_task] + capitals_held
     train = additions[held_out_per_task : held_out_per_task + train_additions]
-    train += reversals[held_out_per_task : held_out_per_task + train_additions // 3] + capitals_train
+    train += reversals[held_out_per_task : held_out_per_task + 1200] + capitals_train
     assert not {i.prompt for i in train} & {i.prompt for i in held_out}
     return train, held_out
 
