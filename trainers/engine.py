@@ -53,7 +53,10 @@ def train_args(namespace: argparse.Namespace) -> TrainArgs:
 
 
 def make_accelerator(args: TrainArgs) -> Accelerator:
-    accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps)
+    # Without an accelerator, accelerate runs multi-process (gloo) only when told it is on CPU;
+    # otherwise torchrun's processes would each train alone, unaware of the others.
+    on_cpu = not torch.cuda.is_available() and not torch.backends.mps.is_available()
+    accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps, cpu=on_cpu)
     set_seed(args.seed)
     return accelerator
 
