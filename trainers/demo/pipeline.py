@@ -187,21 +187,21 @@ class Server:
         from openai import AsyncOpenAI
 
         async def run():
-            client = AsyncOpenAI(base_url=f"{self.url}/v1", api_key="unused", max_retries=2)
-            limit = asyncio.Semaphore(16)
+            async with AsyncOpenAI(base_url=f"{self.url}/v1", api_key="unused", max_retries=2) as client:
+                await asyncio.gather(*(one(client, i, item) for i, item in enumerate(items)))
 
-            async def one(index: int, item: Item):
-                async with limit:
-                    await client.completions.create(
-                        model="demo",
-                        prompt=item.prompt,
-                        max_tokens=max_tokens,
-                        temperature=1.0,
-                        seed=seed + index,
-                        extra_body={"best_of": best_of},
-                    )
+        limit = asyncio.Semaphore(16)
 
-            await asyncio.gather(*(one(i, item) for i, item in enumerate(items)))
+        async def one(client, index: int, item: Item):
+            async with limit:
+                await client.completions.create(
+                    model="demo",
+                    prompt=item.prompt,
+                    max_tokens=max_tokens,
+                    temperature=1.0,
+                    seed=seed + index,
+                    extra_body={"best_of": best_of},
+                )
 
         asyncio.run(run())
 
