@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
 import time
 
@@ -160,6 +161,7 @@ def test_reload_under_concurrent_requests_fails_none(loop_server, models):
     assert loop_server.metric("bon_model_info", role="policy", path=str(models["llama_policy"])) == 1
     assert loop_server.metric("bon_model_info", role="policy", path=first_policy) == 0
     # Candidates are logged with the policy that actually produced them.
+    time.sleep(1.2)  # committed within a second
     import sqlite3
 
     rows = (
@@ -179,3 +181,38 @@ def test_watch_serves_a_newly_published_checkpoint(loop_server, models):
         assert time.monotonic() < deadline, "watched checkpoint not picked up"
         time.sleep(0.2)
     assert complete(loop_server)["choices"]
+
+
+def test_bon_train_rm_reads_the_feedback(loop_server, models, tmp_path):
+    import subprocess
+    import sys
+
+    first = complete(loop_server)
+    assert feedback(loop_server, {"request_id": first["id"], "ranks": [1, 2, 3]}).status_code == 200
+    time.sleep(1.2)
+    command = [
+        sys.executable,
+        "-m",
+        "bon",
+        "train",
+        "rm",
+        "--base",
+        str(models["gpt2_policy"]),
+        "--sample-log",
+        str(loop_server.sample_log),
+        "--output",
+        str(tmp_path / "rm"),
+        "--epochs",
+        "1",
+        "--batch-size",
+        "2",
+        "--eval-fraction",
+        "0",
+        "--learning-rate",
+        "1e-3",
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    history = json.loads((tmp_path / "rm" / "training_history.json").read_text())
+    groups = load_feedback(loop_server.sample_log)
+    assert len(history) == -(-len(groups) // 2)  # one step per two feedback groups

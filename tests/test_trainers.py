@@ -181,3 +181,14 @@ def test_sft_learns_and_saves_curves(models, tmp_path):
     assert history[-1]["loss"] < 0.5 * history[0]["loss"]
     assert (tmp_path / "sft" / "training_curves.png").stat().st_size > 0
     assert len(json.loads((tmp_path / "sft" / "training_history.json").read_text())) == len(history)
+
+
+def test_lora_training_saves_a_merged_plain_checkpoint(models, tmp_path):
+    examples = [SFTExample(f"{i} plus one is", f" {i + 1}") for i in range(8)]
+    args = TrainArgs(epochs=2, learning_rate=1e-2, batch_size=4, max_length=32, lora_rank=4)
+    finetune(models["gpt2_policy"], examples, args, tmp_path / "lora", "sft")
+    assert not (tmp_path / "lora" / "adapter_config.json").exists()
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "lora")
+    base = AutoModelForCausalLM.from_pretrained(models["gpt2_policy"])
+    changed = [n for n, p in merged.named_parameters() if not torch.equal(p, base.get_parameter(n))]
+    assert changed  # the adapters were trained and merged into the weights
