@@ -4,11 +4,14 @@ PY := $(VENV)/bin/python
 # The CPU wheel, installed before the project so pyproject's torch range is already met and pip
 # does not fetch a multi-GB CUDA build. GPU users: make TORCH_SPEC='torch==2.14.1' (a CUDA build).
 TORCH_SPEC ?= torch==2.13.0
-MODELS ?= models/default
+# The default pair: trained by `bon demo` and committed (about 7 MB); `make default-models` remakes it.
+MODELS ?= default-models
+# A tiny random pair for the load benchmark, built on first use.
+TINY ?= models/tiny
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: install serve test bench lint clean
+.PHONY: install serve test bench demo default-models lint clean
 
 install: $(VENV)/.installed
 
@@ -19,23 +22,31 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e '.[test]'
 	touch $@
 
-# The default pair (tiny, random weights until the trainers replace them) is built on first use.
-$(MODELS)/.built: $(VENV)/.installed
-	$(PY) -m bon.tiny_models $(MODELS)
-	touch $@
-
-serve: $(MODELS)/.built
+serve: $(VENV)/.installed
 	$(VENV)/bin/bon serve --policy $(MODELS)/policy --reward-model $(MODELS)/reward_model \
 		--host $(HOST) --port $(PORT)
+
+$(TINY)/.built: $(VENV)/.installed
+	$(PY) -m bon.tiny_models $(TINY)
+	touch $@
+
+demo: $(VENV)/.installed
+	$(VENV)/bin/bon demo --output demo-run
+
+default-models: $(VENV)/.installed
+	rm -rf build/demo && $(VENV)/bin/bon demo --output build/demo
+	rm -rf $(MODELS) && mkdir -p $(MODELS)
+	cp -r build/demo/sft $(MODELS)/policy && cp -r build/demo/reward_model $(MODELS)/reward_model
+	cp build/demo/demo.json $(MODELS)/demo.json
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q
 
-bench: $(MODELS)/.built
-	$(PY) benchmarks/load_bench.py --policy $(MODELS)/policy --reward-model $(MODELS)/reward_model
+bench: $(TINY)/.built
+	$(PY) benchmarks/load_bench.py --policy $(TINY)/policy --reward-model $(TINY)/reward_model
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 
 clean:
-	rm -rf $(VENV) models bench-results
+	rm -rf $(VENV) models build bench-results demo-run

@@ -96,7 +96,8 @@ def _bearer(request: Request) -> str | None:
 
 
 def _known(token: str | None, keys: list[str]) -> bool:
-    return token is not None and any(secrets.compare_digest(token, k) for k in keys)
+    # Bytes, not str: compare_digest refuses non-ASCII strings, and a header may carry any byte.
+    return token is not None and any(secrets.compare_digest(token.encode(), k.encode()) for k in keys)
 
 
 async def _authorize(request: Request) -> None:

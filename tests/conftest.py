@@ -104,27 +104,19 @@ class Server:
         return total
 
 
+def serve_command(pair: Pair, *extra: str) -> list[str]:
+    """`bon serve` for a model pair, as a user types it."""
+    return [sys.executable, "-m", "bon", "serve", "--policy", str(pair.policy),
+            "--reward-model", str(pair.reward_model), *extra]  # fmt: skip
+
+
 def start_server(
     pair: Pair, workdir: Path, *extra: str, env: dict | None = None, wait: bool = True
 ) -> Server:
     port = free_port()
     sample_log = workdir / "samples.db"
     log_file = workdir / "server.log"
-    command = [
-        sys.executable,
-        "-m",
-        "bon",
-        "serve",
-        "--policy",
-        str(pair.policy),
-        "--reward-model",
-        str(pair.reward_model),
-        "--port",
-        str(port),
-        "--sample-log",
-        str(sample_log),
-        *extra,
-    ]
+    command = serve_command(pair, "--port", str(port), "--sample-log", str(sample_log), *extra)
     process = subprocess.Popen(
         command, stdout=log_file.open("w"), stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
     )

@@ -8,7 +8,7 @@ import sys
 
 import pyarrow.parquet as pq
 import pytest
-from conftest import API_KEYS, Pair
+from conftest import API_KEYS, Pair, serve_command
 
 from server.sample_log import read_records
 
@@ -16,25 +16,16 @@ from server.sample_log import read_records
 def serve_fails(pair: Pair, *extra: str) -> str:
     """Run `bon serve` expecting it to refuse to start; returns what it printed."""
     result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "bon",
-            "serve",
-            "--policy",
-            str(pair.policy),
-            "--reward-model",
-            str(pair.reward_model),
-            "--port",
-            "0",
-            *extra,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
+        serve_command(pair, "--port", "0", *extra), capture_output=True, text=True, timeout=120
     )
     assert result.returncode == 2, result.stdout + result.stderr
     return result.stderr
+
+
+def export(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "bon", "export-samples", *args], capture_output=True, text=True, timeout=120
+    )
 
 
 def test_refuses_a_reward_model_with_two_labels(models):
@@ -83,23 +74,7 @@ def test_export_samples(server, tmp_path, fmt):
     import time
 
     time.sleep(1.0)  # let the writer commit
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "bon",
-            "export-samples",
-            "--sample-log",
-            str(server.sample_log),
-            "--format",
-            fmt,
-            "-o",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    result = export("--sample-log", str(server.sample_log), "--format", fmt, "-o", str(out))
     assert result.returncode == 0, result.stderr
     rows = read_records(server.sample_log)
     if fmt == "jsonl":
@@ -132,19 +107,22 @@ def test_export_samples(server, tmp_path, fmt):
 
 
 def test_export_of_a_missing_log_is_a_clear_error(tmp_path):
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "bon",
-            "export-samples",
-            "--sample-log",
-            str(tmp_path / "none.db"),
-            "-o",
-            str(tmp_path / "x"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = export("--sample-log", str(tmp_path / "none.db"), "-o", str(tmp_path / "x"))
     assert result.returncode == 2 and "no candidate log" in result.stderr
+
+
+def test_the_committed_default_pair_serves(tmp_path):
+    from pathlib import Path
+
+    import httpx
+    from conftest import start_server, stop_server
+
+    root = Path(__file__).resolve().parents[1] / "default-models"
+    server = start_server(Pair(root / "policy", root / "reward_model"), tmp_path)
+    try:
+        body = {"model": "policy", "prompt": "12+30=", "max_tokens": 4, "best_of": 4, "temperature": 0}
+        response = httpx.post(f"{server.url}/v1/completions", json=body, timeout=60).json()
+    finally:
+        stop_server(server)
+    # Greedy decoding of the trained policy: its first choice is a number, not random bytes.
+    assert response["choices"][0]["text"].strip().isdigit(), response

@@ -130,7 +130,13 @@ def test_unknown_model_is_a_404(server):
 
 
 @pytest.mark.parametrize(
-    "headers", [{}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {API_KEYS[0]}"}]
+    "headers",
+    [
+        {},
+        {"Authorization": "Bearer wrong"},
+        {"Authorization": f"Basic {API_KEYS[0]}"},
+        {"Authorization": "Bearer clé".encode("latin-1")},  # non-ASCII must not become a 500
+    ],
 )
 def test_missing_or_wrong_key_is_a_401(server, headers):
     assert_envelope(

@@ -137,28 +137,17 @@ def train_reward_model(
     model.config.pad_token_id = tokenizer.pad_token_id
     model = with_lora(model, args, "SEQ_CLS")
 
-    encoded = [
-        EncodedGroup(
-            [encode_response(tokenizer, g.prompt, r, args.max_length) for r in g.responses],
-            g.pairs(),
-            g.margin,
-        )
-        for g in groups
-    ]
-    encoded = [g for g in encoded if g.pairs]  # all-tie groups teach nothing
+    def encode(group: PreferenceGroup) -> EncodedGroup:
+        responses = [encode_response(tokenizer, group.prompt, r, args.max_length) for r in group.responses]
+        return EncodedGroup(responses, group.pairs(), group.margin)
+
+    encoded = [g for g in map(encode, groups) if g.pairs]  # all-tie groups teach nothing
     if eval_groups is None:
         random.Random(args.seed).shuffle(encoded)
         held = int(len(encoded) * eval_fraction)
         held_out, encoded = encoded[:held], encoded[held:]
     else:
-        held_out = [
-            EncodedGroup(
-                [encode_response(tokenizer, g.prompt, r, args.max_length) for r in g.responses],
-                g.pairs(),
-                g.margin,
-            )
-            for g in eval_groups
-        ]
+        held_out = [encode(g) for g in eval_groups]
     if not encoded:
         raise SystemExit("no training pairs: every group is a single response or all ties")
 

@@ -48,14 +48,14 @@ class DemoConfig:
     seed: int = 0
     n: int = 16  # best-of-N measured on held-out prompts
     rm_samples: int = 8  # candidates per prompt ranked by the gold scorer for RM training
-    rm_prompts: int = 800
+    rm_prompts: int = 2000
     rounds: int = 3
     round_prompts: int = 600  # training-split prompts sent through the server per RAFT round
     serve_best_of: int = 8
     max_new_tokens: int = 8
     hidden: int = 128
     layers: int = 4
-    sft_epochs: int = 12
+    sft_epochs: int = 16
     sft_learning_rate: float = 2e-3
     rm_epochs: int = 3
     rm_learning_rate: float = 5e-4
