@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from server import metrics
 from server.errors import APIError
@@ -33,10 +33,10 @@ class BestOfNResult:
     prompt: Prompt
     candidates: list[ScoredCandidate]
     chosen: list[int]
-    completion_tokens: int = field(init=False)
 
-    def __post_init__(self):
-        self.completion_tokens = sum(len(c.candidate.token_ids) for c in self.candidates)
+    @property
+    def completion_tokens(self) -> int:
+        return sum(len(c.candidate.token_ids) for c in self.candidates)
 
 
 class BestOfN:
