@@ -178,10 +178,10 @@ async def list_models(request: Request, service: Service) -> dict:
     }
 
 
-def _params(request: Request, service: Service, body, prompts) -> tuple[SamplingParams, int]:
+def _params(request: Request, service: Service, body, prompts) -> SamplingParams:
     max_tokens = service.resolve_max_tokens(prompts, body.max_tokens, request.app.state.default_max_tokens)
     service.check_best_of(body.best_of, max_tokens, prompts)
-    return body.sampling_params(max_tokens), max_tokens
+    return body.sampling_params(max_tokens)
 
 
 def _maybe_stream(body: dict, stream: bool):
@@ -193,7 +193,7 @@ async def completions(body: CompletionRequest, request: Request, service: Servic
     """Best-of-N text completion for one prompt or a list of prompts."""
     _check_model(request, body.model)
     prompts = [service.text_prompt(p) for p in body.prompts()]
-    params, _ = _params(request, service, body, prompts)
+    params = _params(request, service, body, prompts)
     request_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     results = await _until_disconnect(
         request, service.run(request_id, prompts, params, body.n, body.best_of, body.log)
@@ -209,7 +209,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, servic
     """Best-of-N chat completion; the RM reads the conversation through its own chat template."""
     _check_model(request, body.model)
     prompt = service.chat_prompt([m.plain() for m in body.messages])
-    params, _ = _params(request, service, body, [prompt])
+    params = _params(request, service, body, [prompt])
     request_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     [result] = await _until_disconnect(
         request, service.run(request_id, [prompt], params, body.n, body.best_of, body.log)

@@ -68,10 +68,6 @@ class TokenBudgetBatcher(Generic[Job, Result]):
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"bon-{stage}")
         self._worker: asyncio.Task | None = None
 
-    def swap_runner(self, run_batch: Callable[[list[Job]], list[Result]]) -> None:
-        """Use another batch function from the next batch on; the running batch finishes as it began."""
-        self._run_batch = run_batch
-
     async def submit(self, job: Job, cost: int, sequences: int) -> Result:
         """Queue `job` (`cost` tokens, `sequences` rows) and wait for its result.
 
@@ -119,11 +115,10 @@ class TokenBudgetBatcher(Generic[Job, Result]):
                     metrics.QUEUE_WAIT.labels(stage=self._stage).observe(now - pending.enqueued)
                 metrics.BATCH_SEQUENCES.labels(stage=self._stage).observe(sum(p.sequences for p in batch))
                 metrics.BATCH_TOKENS.labels(stage=self._stage).observe(sum(p.cost for p in batch))
-                run_batch = self._run_batch
                 try:
                     with metrics.STAGE_SECONDS.labels(stage=self._stage).time():
                         results = await loop.run_in_executor(
-                            self._executor, run_batch, [p.job for p in batch]
+                            self._executor, self._run_batch, [p.job for p in batch]
                         )
                 except Exception as error:  # the batch failed: fail its callers, keep serving
                     for pending in batch:
