@@ -226,10 +226,10 @@ async def score(body: ScoreRequest, request: Request, service: Service) -> dict:
     inputs = []
     for index, pair in enumerate(body.as_pairs()):
         if isinstance(pair.prompt, str):
-            ids = rm.encode_completion(pair.prompt, pair.response)
+            ids = rm.encode(pair.prompt, None, pair.response)
         else:
             messages = [m.plain() for m in pair.prompt]
-            ids = rm.encode_chat(messages, pair.response, fallback_prompt=service.render_messages(messages))
+            ids = rm.encode(service.render_messages(messages), messages, pair.response)
         if len(ids) > rm.max_length:
             field = "pairs" if body.pairs is not None else "responses"
             raise APIError(

@@ -63,8 +63,4 @@ def make_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str | Messages) -> P
 
 def reward_input(reward_model: RewardModel, prompt: Prompt, completion: str) -> RewardInput:
     """The RM's input for one candidate, after the RM's length rule."""
-    if prompt.messages is not None:
-        ids = reward_model.encode_chat(prompt.messages, completion, fallback_prompt=prompt.text)
-    else:
-        ids = reward_model.encode_completion(prompt.text, completion)
-    return reward_model.fit(ids)
+    return reward_model.fit(reward_model.encode(prompt.text, prompt.messages, completion))

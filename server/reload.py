@@ -36,7 +36,7 @@ def _smoke_test(policy: Policy | None, reward_model: RewardModel | None) -> None
             policy.eos_ids,
         )
     if reward_model is not None:
-        reward_model.score([reward_model.encode_completion("Hello", " world")])
+        reward_model.score([reward_model.encode("Hello", None, " world")])
 
 
 class Reloader:

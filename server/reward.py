@@ -68,6 +68,16 @@ def encode_chat(
     return tokenizer(text, add_special_tokens=False).input_ids
 
 
+def encode_candidate(
+    tokenizer: PreTrainedTokenizerBase, prompt_text: str, messages: Messages | None, completion: str
+) -> list[int]:
+    """The RM input rule, in one place for the server and the trainers: the chat rule when there
+    are messages (falling back to `prompt_text`, the policy's rendering), else the completions rule."""
+    if messages is not None:
+        return encode_chat(tokenizer, messages, completion, fallback_prompt=prompt_text)
+    return encode_completion(tokenizer, prompt_text, completion)
+
+
 def pad_right(inputs: list[list[int]], pad_id: int | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Token-id lists as (B, T) input_ids and attention mask, right-padded."""
     width = max(len(ids) for ids in inputs)
@@ -126,11 +136,8 @@ class RewardModel:
     def __post_init__(self):
         self.scorer = LastTokenReward(self.model)
 
-    def encode_completion(self, prompt: str, completion: str) -> list[int]:
-        return encode_completion(self.tokenizer, prompt, completion)
-
-    def encode_chat(self, messages: Messages, completion: str, fallback_prompt: str) -> list[int]:
-        return encode_chat(self.tokenizer, messages, completion, fallback_prompt)
+    def encode(self, prompt_text: str, messages: Messages | None, completion: str) -> list[int]:
+        return encode_candidate(self.tokenizer, prompt_text, messages, completion)
 
     def fit(self, token_ids: list[int]) -> RewardInput:
         """Apply the length rule of this module's docstring."""

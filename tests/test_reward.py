@@ -78,7 +78,7 @@ def test_inputs_over_the_rm_context_keep_their_tail_and_are_flagged(rm):
 
 def test_chat_input_uses_the_rm_template_without_a_second_bos(rm):
     messages = [{"role": "user", "content": "hi"}]
-    ids = rm.encode_chat(messages, "hello", fallback_prompt="unused")
+    ids = rm.encode("unused", messages, "hello")
     assert ids.count(rm.tokenizer.bos_token_id) == 1
     assert rm.tokenizer.decode(ids) == "<s>user: hi\nassistant: hello\n"
 

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
 
 from server.prompts import render_messages
-from server.reward import LastTokenReward, encode_chat, encode_completion, pad_right
+from server.reward import LastTokenReward, encode_candidate, pad_right
 from trainers.data import PreferenceGroup, load_feedback, load_preferences
 from trainers.engine import (
     TrainArgs,
@@ -41,10 +41,10 @@ from trainers.losses import bradley_terry_loss, reward_centering
 def encode_response(tokenizer: PreTrainedTokenizerBase, prompt, response: str, max_length: int) -> list[int]:
     """The server's RM input rule; over-long inputs keep their tail, as the server does."""
     if isinstance(prompt, str):
-        ids = encode_completion(tokenizer, prompt, response)
+        ids = encode_candidate(tokenizer, prompt, None, response)
     else:
         # The base is the SFT policy, so its rendering is the policy's, as on the server.
-        ids = encode_chat(tokenizer, prompt, response, fallback_prompt=render_messages(tokenizer, prompt))
+        ids = encode_candidate(tokenizer, render_messages(tokenizer, prompt), prompt, response)
     return ids[-max_length:]
 
 
