@@ -192,3 +192,19 @@ def test_lora_training_saves_a_merged_plain_checkpoint(models, tmp_path):
     base = AutoModelForCausalLM.from_pretrained(models["gpt2_policy"])
     changed = [n for n, p in merged.named_parameters() if not torch.equal(p, base.get_parameter(n))]
     assert changed  # the adapters were trained and merged into the weights
+
+
+def test_raft_self_sampling_runs_its_iterations_and_leaves_no_intermediates(models, tmp_path):
+    from server.sampling import SamplingParams
+    from trainers.raft import raft_self_sampling
+
+    prompts = ["the cat", "one two", [{"role": "user", "content": "hi"}]]
+    args = TrainArgs(epochs=1, learning_rate=1e-3, batch_size=2, max_length=64)
+    params = SamplingParams(max_tokens=4, seed=0)
+    manifest = raft_self_sampling(
+        models["gpt2_policy"], prompts, models["llama_rm"], tmp_path / "out", args, Selection(), 2, 3, params
+    )
+    assert manifest["mode"] == "self-sampling" and len(manifest["iterations"]) == 2
+    assert manifest["samples_seen"] == 3 * 3 and manifest["samples_kept"] == 3
+    assert json.loads((tmp_path / "out" / "raft_manifest.json").read_text()) == manifest
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]

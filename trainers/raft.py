@@ -36,11 +36,12 @@ import torch
 
 from server.checkpoints import model_version
 from server.decoding import generate
-from server.policy import load_policy
+from server.policy import Policy, load_policy
+from server.prompts import Prompt as ServedPrompt
 from server.prompts import make_prompt, reward_input
 from server.reward import load_reward_model
 from server.sample_log import read_records
-from server.sampling import SampleRequest, SamplingParams
+from server.sampling import Candidate, SampleRequest, SamplingParams
 from trainers.data import Prompt, SFTExample, read_jsonl
 from trainers.engine import TrainArgs, add_train_args, check_new_output, train_args
 from trainers.sft import finetune
@@ -127,6 +128,27 @@ def samples_from_log(sample_log: Path, since: float, until: float) -> list[Sampl
 
 
 @torch.inference_mode()
+def sample_candidates(
+    policy: Policy, prompts: list[Prompt], k: int, params: SamplingParams, batch: int
+) -> list[tuple[ServedPrompt, list[Candidate]]]:
+    """K candidates per prompt with the server's decoding code, `batch` prompts per call.
+
+    A seed per prompt (params.seed + its index): the same run replays, different prompts differ.
+    """
+    out = []
+    for start in range(0, len(prompts), batch):
+        chunk = [make_prompt(policy.tokenizer, p) for p in prompts[start : start + batch]]
+        requests = [
+            SampleRequest(
+                p.token_ids, k, replace(params, seed=None if params.seed is None else params.seed + start + j)
+            )
+            for j, p in enumerate(chunk)
+        ]
+        out += zip(chunk, generate(policy.model, policy.tokenizer, requests, policy.eos_ids), strict=True)
+    return out
+
+
+@torch.inference_mode()
 def sample_and_score(
     policy_dir: Path,
     reward_model_dir: Path,
@@ -139,19 +161,11 @@ def sample_and_score(
     policy = load_policy(policy_dir, "cuda" if torch.cuda.is_available() else "cpu", "auto")
     rm = load_reward_model(reward_model_dir, policy.model.device.type, "auto")
     samples = []
-    for start in range(0, len(prompts), batch):
-        chunk = [make_prompt(policy.tokenizer, p) for p in prompts[start : start + batch]]
-        # A seed per prompt: the same run replays, different prompts draw differently.
-        requests = [
-            SampleRequest(
-                p.token_ids, k, replace(params, seed=None if params.seed is None else params.seed + start + j)
-            )
-            for j, p in enumerate(chunk)
-        ]
-        candidates = generate(policy.model, policy.tokenizer, requests, policy.eos_ids)
-        for raw, prompt, cands in zip(prompts[start : start + batch], chunk, candidates, strict=True):
-            rewards = rm.score([reward_input(rm, prompt, c.text).token_ids for c in cands])
-            samples += [Sample(raw, c.text, r) for c, r in zip(cands, rewards, strict=True)]
+    for raw, (prompt, cands) in zip(
+        prompts, sample_candidates(policy, prompts, k, params, batch), strict=True
+    ):
+        rewards = rm.score([reward_input(rm, prompt, c.text).token_ids for c in cands])
+        samples += [Sample(raw, c.text, r) for c, r in zip(cands, rewards, strict=True)]
     return samples
 
 

@@ -27,15 +27,14 @@ import httpx
 import torch
 
 from bon.tiny_models import build_model, train_tokenizer
-from server.decoding import generate
 from server.policy import load_policy
 from server.prompts import make_prompt, reward_input
 from server.reward import load_reward_model
-from server.sampling import SampleRequest, SamplingParams
+from server.sampling import SamplingParams
 from trainers.data import PreferenceGroup, SFTExample
 from trainers.demo.tasks import Item, answer_of, distinct_2, gold_score, is_correct, suite
 from trainers.engine import TrainArgs
-from trainers.raft import Selection, raft_from_log
+from trainers.raft import Selection, raft_from_log, sample_candidates
 from trainers.reward import train_reward_model
 from trainers.sft import finetune
 
@@ -69,23 +68,11 @@ def completion(item: Item) -> str:
 
 def sample(policy_dir: Path, items: list[Item], k: int, cfg: DemoConfig, seed: int) -> list[list[str]]:
     """k candidates per item at temperature 1, with the server's decoding code."""
-    policy = load_policy(policy_dir, "cpu", "auto")
-    texts = []
-    for start in range(0, len(items), 64):
-        chunk = items[start : start + 64]
-        requests = [
-            SampleRequest(
-                make_prompt(policy.tokenizer, i.prompt).token_ids,
-                k,
-                SamplingParams(max_tokens=cfg.max_new_tokens, seed=seed + start + j),
-            )
-            for j, i in enumerate(chunk)
-        ]
-        texts += [
-            [c.text for c in cands]
-            for cands in generate(policy.model, policy.tokenizer, requests, policy.eos_ids)
-        ]
-    return texts
+    params = SamplingParams(max_tokens=cfg.max_new_tokens, seed=seed)
+    pairs = sample_candidates(
+        load_policy(policy_dir, "cpu", "auto"), [i.prompt for i in items], k, params, 64
+    )
+    return [[c.text for c in cands] for _, cands in pairs]
 
 
 def ranked_groups(items: list[Item], samples: list[list[str]]) -> list[PreferenceGroup]:
