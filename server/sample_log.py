@@ -106,14 +106,23 @@ def connect(path: Path) -> sqlite3.Connection:
     return connection
 
 
-def read_records(path: Path) -> list[dict[str, Any]]:
-    """All candidates in insertion order, JSON columns decoded (what export and trainers read)."""
+def read_records(
+    path: Path, since: float = float("-inf"), until: float = float("inf")
+) -> list[dict[str, Any]]:
+    """Candidates created in (since, until], in insertion order, JSON columns decoded.
+
+    The window is applied in SQL (the created index), so a RAFT run reads its window, not the
+    whole history of the log.
+    """
     if not Path(path).is_file():
         raise FileNotFoundError(f"no candidate log at {path}")
     connection = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     connection.row_factory = sqlite3.Row
     try:
-        rows = connection.execute(f"SELECT {', '.join(COLUMNS)} FROM candidates ORDER BY id").fetchall()
+        rows = connection.execute(
+            f"SELECT {', '.join(COLUMNS)} FROM candidates WHERE created > ? AND created <= ? ORDER BY id",
+            (since, until),
+        ).fetchall()
     finally:
         connection.close()
     records = []

@@ -120,11 +120,7 @@ def parent_window_end(policy: Path) -> float:
 
 
 def samples_from_log(sample_log: Path, since: float, until: float) -> list[Sample]:
-    return [
-        Sample(r["prompt"], r["completion"], r["reward"])
-        for r in read_records(sample_log)
-        if since < r["created"] <= until
-    ]
+    return [Sample(r["prompt"], r["completion"], r["reward"]) for r in read_records(sample_log, since, until)]
 
 
 @torch.inference_mode()
