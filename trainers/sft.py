@@ -18,6 +18,7 @@ import torch
 from torch.utils.data import DataLoader
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
+from server.reward import pad_right
 from trainers.data import SFTExample, load_sft
 from trainers.engine import (
     TrainArgs,
@@ -80,17 +81,9 @@ def length_grouped_batches(lengths: list[int], batch_size: int, seed: int) -> li
 
 
 def collate(features: list[dict[str, list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
-    width = max(len(f["input_ids"]) for f in features)
-    input_ids = torch.full((len(features), width), pad_id)
-    labels = torch.full((len(features), width), IGNORE)
-    mask = torch.zeros((len(features), width), dtype=torch.long)
-    for i, f in enumerate(features):
-        n = len(f["input_ids"])
-        input_ids[i, :n], labels[i, :n], mask[i, :n] = (
-            torch.tensor(f["input_ids"]),
-            torch.tensor(f["labels"]),
-            1,
-        )
+    """Right-padded (B, T) tensors; padded label positions are IGNORE, so they carry no loss."""
+    input_ids, mask = pad_right([f["input_ids"] for f in features], pad_id)
+    labels, _ = pad_right([f["labels"] for f in features], IGNORE)
     return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
 
 
