@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from server.reward import load_reward_model
 from server.sample_log import CandidateRecord, SampleLog
@@ -15,7 +15,7 @@ from trainers.data import DataError, PreferenceGroup, SFTExample, load_preferenc
 from trainers.engine import TrainArgs, make_accelerator, publish
 from trainers.losses import IGNORE, bradley_terry_loss, completion_loss, reward_centering
 from trainers.raft import Sample, Selection, raft_from_log, samples_from_log, select
-from trainers.reward import train_reward_model
+from trainers.reward import shrink_toward_fresh, train_reward_model
 from trainers.sft import encode, finetune
 
 
@@ -108,6 +108,28 @@ def test_reward_training_forwards_all_k_responses_once_per_step(models, tmp_path
     rm = load_reward_model(tmp_path / "rm", "cpu", "float32")  # bon serve loads it unchanged
     assert rm.model.config.num_labels == 1 and rm.model.config.pad_token_id is not None
     assert (tmp_path / "rm" / "training_curves.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("arch", ["gpt2_policy", "llama_policy"])
+def test_shrink_moves_weights_toward_a_fresh_init_and_keeps_norms(models, arch):
+    def load():
+        torch.manual_seed(0)  # the score head is new: the same in both copies
+        return AutoModelForSequenceClassification.from_pretrained(models[arch], num_labels=1)
+
+    trained, shrunk = dict(load().named_parameters()), load()
+    shrink_toward_fresh(shrunk, 0.3, seed=7)
+    torch.manual_seed(7)
+    fresh = dict(type(shrunk)(shrunk.config).named_parameters())
+    moved = kept = 0
+    for name, weight in shrunk.named_parameters():
+        if "norm" in name or ".ln_" in name or name.startswith("transformer.ln_f"):
+            assert torch.equal(weight, trained[name]), name
+            kept += 1
+        else:
+            expected = 0.7 * trained[name] + 0.3 * fresh[name]
+            torch.testing.assert_close(weight, expected, rtol=1e-5, atol=1e-6)
+            moved += not torch.allclose(weight, trained[name])
+    assert kept >= 3 and moved > 10
 
 
 def _log(path, rows):

@@ -18,7 +18,12 @@ from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import (
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from server.prompts import render_messages
 from server.reward import LastTokenReward, encode_candidate, pad_right
@@ -118,6 +123,23 @@ def evaluate(model: torch.nn.Module, groups: list[EncodedGroup], pad_id: int, de
     }
 
 
+@torch.no_grad()
+def shrink_toward_fresh(model: PreTrainedModel, fraction: float, seed: int) -> None:
+    """Shrink and perturb (Ash & Adams, 2020): move each weight `fraction` of the way to a fresh init.
+
+    A policy fine-tuned long on narrow data answers from features that resist being re-purposed
+    into a judge: its RM learns the answers' prior long before their relation to the prompt. The
+    fresh share restores that plasticity; the SFT share keeps what the policy knows. Normalisation
+    layers keep their trained values, since their fresh init (ones, zeros) perturbs nothing.
+    """
+    torch.manual_seed(seed)
+    fresh = type(model)(model.config).to(model.dtype)
+    norms = {name for name, module in model.named_modules() if "norm" in type(module).__name__.lower()}
+    for (name, weight), (_, init) in zip(model.named_parameters(), fresh.named_parameters(), strict=True):
+        if name.rpartition(".")[0] not in norms:
+            weight.lerp_(init, fraction)
+
+
 def train_reward_model(
     base: Path,
     groups: list[PreferenceGroup],
@@ -126,6 +148,7 @@ def train_reward_model(
     eval_fraction: float = 0.1,
     centering: float = 0.0,
     eval_groups: list[PreferenceGroup] | None = None,
+    shrink: float = 0.0,
 ) -> list[dict[str, float]]:
     """Train and publish a reward model; returns the history (the last row holds the eval numbers)."""
     check_new_output(output)
@@ -135,6 +158,8 @@ def train_reward_model(
         tokenizer.pad_token = tokenizer.eos_token
     model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1)
     model.config.pad_token_id = tokenizer.pad_token_id
+    if shrink:
+        shrink_toward_fresh(model, shrink, args.seed)
     model = with_lora(model, args, "SEQ_CLS")
 
     def encode(group: PreferenceGroup) -> EncodedGroup:
@@ -190,6 +215,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--output", type=Path, required=True)
     parser.add_argument("--eval-fraction", type=float, default=0.1, help="prompts held out for evaluation")
     parser.add_argument("--centering", type=float, default=0.0, help="coefficient of mean(r^2)")
+    parser.add_argument(
+        "--shrink",
+        type=float,
+        default=0.0,
+        help="start this fraction of the way from the SFT weights to a fresh init (shrink and perturb); "
+        "0.3-0.7 when the policy was fine-tuned long on narrow data",
+    )
     add_train_args(parser, learning_rate=5e-6, batch_size=4, max_length=1024)
     args = parser.parse_args(argv)
     groups = load_preferences(args.data)
@@ -198,6 +230,12 @@ def main(argv: list[str] | None = None) -> dict:
     if not groups:
         parser.error("no data: give --data FILE and/or --sample-log PATH")
     history = train_reward_model(
-        args.base, groups, train_args(args), args.output, args.eval_fraction, args.centering
+        args.base,
+        groups,
+        train_args(args),
+        args.output,
+        args.eval_fraction,
+        args.centering,
+        shrink=args.shrink,
     )
     return {k: round(v, 4) for k, v in history[-1].items() if k.startswith("eval_")}
