@@ -6,23 +6,41 @@ import json
 import sqlite3
 
 from trainers.demo.pipeline import main
-from trainers.demo.tasks import Item, gold_score, suite
+from trainers.demo.tasks import Item, demonstration, distinct_2, gold_score, suite
 
 
 def test_gold_scores_are_graded_with_ties():
-    item = Item("add", "12+30=", "42")
-    assert gold_score(item, " 42") == 1.0
-    assert gold_score(item, " 41") == gold_score(item, " 43") < 1.0  # equally far: a tie
-    assert gold_score(item, " 41") > gold_score(item, " 50") > gold_score(item, " cat") == 0.0
-    capital = Item("capital", "capital of peru:", "lima")
+    largest = Item("largest", "largest digit in 5937:", "9")
+    assert gold_score(largest, " 9\nmore") == 1.0
+    assert gold_score(largest, " 7") > gold_score(largest, " 5") > gold_score(largest, " 3") > 0
     assert (
-        gold_score(capital, " lima\n") == 1.0
-        and 0 < gold_score(capital, " paris") < 1
-        and gold_score(capital, " x") == 0
-    )
-    train, held_out = suite()
-    assert {i.task for i in held_out} == {"add", "capital", "reverse"}
+        gold_score(largest, " 8") == gold_score(largest, " 99") == gold_score(largest, " x") == 0.0
+    )  # not in it
+    last = Item("last", "last letter of kgho:", "o")
+    assert gold_score(last, " o") == 1.0
+    assert gold_score(last, " k") == gold_score(last, " g") == 0.5  # two other letters: a tie
+    assert gold_score(last, " a") == gold_score(last, " oo") == 0.0
+    train, held_out = suite(prompts_per_task=500, held_out_per_task=50)
+    assert {i.task for i in held_out} == {"last", "largest"} and len(held_out) == 100
     assert not {i.prompt for i in train} & {i.prompt for i in held_out}
+    assert all(i.answer == (i.subject[-1] if i.task == "last" else max(i.subject)) for i in train)
+
+
+def test_demonstrations_err_at_the_rate_asked_with_characters_of_the_prompt():
+    import random
+
+    train, _ = suite(prompts_per_task=1000)
+    rng = random.Random(1)
+    answers = [(i, demonstration(i, 0.3, rng)) for i in train]
+    wrong = [(i, a) for i, a in answers if a != i.answer]
+    assert abs(len(wrong) / len(answers) - 0.3) < 0.03
+    assert all(len(a) == 1 and a in i.subject for i, a in wrong)
+    assert demonstration(Item("last", "last letter of ppp:", "p"), 1.0, rng) == "p"
+
+
+def test_distinct_2_counts_character_bigrams_across_outputs():
+    assert distinct_2([" a", " b", " a"]) == 2 / 3
+    assert distinct_2([" ab"]) == 1.0 and distinct_2(["x"]) == 0.0
 
 
 def test_demo_runs_the_loop_and_reports(tmp_path):
@@ -37,8 +55,14 @@ def test_demo_runs_the_loop_and_reports(tmp_path):
             "40",
             "--rm-prompts",
             "40",
+            "--prompts-per-task",
+            "300",
             "--sft-epochs",
-            "1",
+            "4",
+            "--sft-learning-rate",
+            "1e-2",  # enough for one-character answers: the RM needs some right and some wrong
+            "--max-new-tokens",
+            "3",
             "--rm-epochs",
             "1",
             "--raft-epochs",
@@ -65,5 +89,5 @@ def test_demo_runs_the_loop_and_reports(tmp_path):
         json.loads(p)
         for (p,) in sqlite3.connect(out / "samples.db").execute("SELECT DISTINCT prompt FROM candidates")
     }
-    _, held_out = suite()
+    _, held_out = suite(prompts_per_task=300)
     assert logged and not logged & {i.prompt for i in held_out}

@@ -32,7 +32,7 @@ from server.prompts import make_prompt, reward_input
 from server.reward import load_reward_model
 from server.sampling import SamplingParams
 from trainers.data import PreferenceGroup, SFTExample
-from trainers.demo.tasks import Item, answer_of, distinct_2, gold_score, is_correct, suite
+from trainers.demo.tasks import Item, demonstration, distinct_2, gold_score, is_correct, suite
 from trainers.engine import TrainArgs
 from trainers.raft import Selection, raft_from_log, sample_candidates
 from trainers.reward import train_reward_model
@@ -46,24 +46,24 @@ class DemoConfig:
     output: Path
     seed: int = 0
     n: int = 16  # best-of-N measured on held-out prompts
+    prompts_per_task: int = 8000
+    mistake_rate: float = 0.35  # share of SFT demonstrations that answer wrong
     rm_samples: int = 8  # candidates per prompt ranked by the gold scorer for RM training
-    rm_prompts: int = 2000
+    rm_prompts: int = 8000
     rounds: int = 3
-    round_prompts: int = 600  # training-split prompts sent through the server per RAFT round
+    round_prompts: int = 1200  # training-split prompts sent through the server per RAFT round
     serve_best_of: int = 8
     max_new_tokens: int = 8
+    arch: str = "llama"  # rotary positions find "the letter before the colon" faster than GPT-2's
     hidden: int = 128
     layers: int = 4
-    sft_epochs: int = 16
+    sft_epochs: int = 3
     sft_learning_rate: float = 2e-3
     rm_epochs: int = 3
-    rm_learning_rate: float = 5e-4
+    rm_learning_rate: float = 1e-3
+    rm_shrink: float = 0.5  # start halfway from the SFT weights to a fresh init (DEVELOPERS.md)
     raft_epochs: int = 2
     raft_learning_rate: float = 2e-4
-
-
-def completion(item: Item) -> str:
-    return " " + item.answer
 
 
 def sample(policy_dir: Path, items: list[Item], k: int, cfg: DemoConfig, seed: int) -> list[list[str]]:
@@ -106,7 +106,7 @@ def evaluate(policy_dir: Path, rm_dir: Path, items: list[Item], cfg: DemoConfig)
     samples = sample(policy_dir, items, cfg.n, cfg, seed=10_000)
     scores = rewards(rm_dir, items, samples)
     correct = [[is_correct(i, t) for t in texts] for i, texts in zip(items, samples, strict=True)]
-    answers = [[answer_of(t) for t in texts] for texts in samples]
+    answers = [[t.split("\n", 1)[0] for t in texts] for texts in samples]  # with the leading space
     return {
         "pass_at_1": statistics.fmean(statistics.fmean(c) for c in correct),
         "bon_pass": statistics.fmean(
@@ -224,11 +224,11 @@ def run(cfg: DemoConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
-    train, held_out = suite(cfg.seed)
+    train, held_out = suite(cfg.seed, cfg.prompts_per_task)
     say = lambda message: print(f"[{time.time() - start:6.0f}s] {message}", flush=True)  # noqa: E731
 
-    say(f"tokenizer and a random GPT-2 ({len(train)} training prompts, {len(held_out)} held out)")
-    corpus = [i.prompt + completion(i) for i in train]
+    say(f"tokenizer and a random {cfg.arch} ({len(train)} training prompts, {len(held_out)} held out)")
+    corpus = [f"{i.prompt} {i.answer}" for i in train]
     tokenizer = train_tokenizer(
         160,
         {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "pad_token": "<|pad|>"},
@@ -236,7 +236,7 @@ def run(cfg: DemoConfig) -> dict:
         individual_digits=True,
     )
     base = build_model(
-        out / "base", "gpt2", tokenizer, hidden=cfg.hidden, layers=cfg.layers, ctx=64, seed=cfg.seed
+        out / "base", cfg.arch, tokenizer, hidden=cfg.hidden, layers=cfg.layers, ctx=64, seed=cfg.seed
     )
 
     say("SFT")
@@ -248,14 +248,15 @@ def run(cfg: DemoConfig) -> dict:
         seed=cfg.seed,
         warmup_ratio=0.05,
     )
-    finetune(base, [SFTExample(i.prompt, completion(i)) for i in train], sft_args, out / "sft", "sft")
+    demonstrations = [SFTExample(i.prompt, " " + demonstration(i, cfg.mistake_rate, rng)) for i in train]
+    finetune(base, demonstrations, sft_args, out / "sft", "sft")
 
     say(f"sampling {cfg.rm_samples} per prompt, ranking by the gold scorer")
     rm_items = rng.sample(train, cfg.rm_prompts)
     rm_groups = ranked_groups(rm_items, sample(out / "sft", rm_items, cfg.rm_samples, cfg, seed=1))
     held_groups = ranked_groups(held_out, sample(out / "sft", held_out, cfg.rm_samples, cfg, seed=2))
 
-    say("reward model (Bradley-Terry, initialised from SFT)")
+    say(f"reward model (Bradley-Terry, initialised from SFT shrunk {cfg.rm_shrink} toward a fresh init)")
     rm_args = TrainArgs(
         epochs=cfg.rm_epochs,
         learning_rate=cfg.rm_learning_rate,
@@ -264,7 +265,9 @@ def run(cfg: DemoConfig) -> dict:
         seed=cfg.seed,
         warmup_ratio=0.05,
     )
-    train_reward_model(out / "sft", rm_groups, rm_args, out / "reward_model", eval_groups=held_groups)
+    train_reward_model(
+        out / "sft", rm_groups, rm_args, out / "reward_model", eval_groups=held_groups, shrink=cfg.rm_shrink
+    )
     rm_accuracy = pairwise_accuracy(
         held_groups, rewards(out / "reward_model", held_out, [g.responses for g in held_groups])
     )

@@ -1,26 +1,31 @@
 """Synthetic instruction tasks with a programmatic gold scorer that gives graded scores.
 
-Graded scores make rankings with ties (two answers equally far off), which is what the reward
-model's ranking loss is for. Three tasks, each prompt with one correct answer:
-- add: two-digit addition, scored by distance to the sum;
-- capital: capitals from the table shipped beside this file, asked in two phrasings; another
-  country's capital earns partial credit;
-- reverse: reversing a short letter string, scored by the fraction of positions right.
+Two tasks over characters, each answered by one character:
+- last: "last letter of kgho:" -> "o"; another letter of the word earns 0.5;
+- largest: "largest digit in 9836:" -> "9"; another digit of the number earns
+  0.8 / (1 + its distance), a digit not in it nothing.
+Graded scores make rankings with ties (two other letters, two digits equally far), which is what
+the reward model's ranking loss is for.
 
-The split is by prompt: held-out prompts never reach a trainer. For capitals the held-out prompts
-use the second phrasing of countries whose first phrasing is trained, so the fact is learnable.
+Why one-character answers: the Bradley-Terry RM reads one hidden state, at the answer's last
+token. Checking a one-token answer against the prompt is one attention hop from that token. With
+multi-token answers (sums, reversals, sorted strings) the RM initialised from the SFT policy was
+measured to score by answer length and last token only, and best-of-N fell below one sample
+(DEVELOPERS.md, "The demo's reward model").
+
+Demonstrations are noisy: a share of them answer with another character of the prompt, the slip a
+careless labeller makes. The SFT policy learns the slips too, so its samples give best-of-N
+something to choose from and RAFT something to fix. The split is by prompt: held-out prompts never
+reach a trainer.
 """
 
 from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from pathlib import Path
 
-CAPITALS = dict(
-    line.split("\t") for line in (Path(__file__).parent / "capitals.tsv").read_text().splitlines() if line
-)
-LETTERS = "abcdefgh"
+LETTERS = "abcdefghijklmnop"
+DIGITS = "0123456789"
 
 
 @dataclass(frozen=True)
@@ -28,6 +33,11 @@ class Item:
     task: str
     prompt: str
     answer: str
+
+    @property
+    def subject(self) -> str:
+        """The characters the question is about: the prompt's last word, without its colon."""
+        return self.prompt.rsplit(" ", 1)[1].rstrip(":")
 
 
 def answer_of(completion: str) -> str:
@@ -40,55 +50,62 @@ def gold_score(item: Item, completion: str) -> float:
     answer = answer_of(completion)
     if answer == item.answer:
         return 1.0
-    if item.task == "add":
-        if not answer.isdigit():
-            return 0.0
-        return 0.8 / (1 + abs(int(answer) - int(item.answer)))
-    if item.task == "capital":
-        return 0.3 if answer in CAPITALS.values() else 0.0
-    right = sum(a == b for a, b in zip(answer, item.answer, strict=False))
-    return 0.8 * right / max(len(answer), len(item.answer))
+    if len(answer) != 1 or answer not in item.subject:
+        return 0.0
+    if item.task == "last":
+        return 0.5
+    return 0.8 / (1 + abs(int(answer) - int(item.answer)))
 
 
 def is_correct(item: Item, completion: str) -> bool:
     return gold_score(item, completion) == 1.0
 
 
-def _additions(rng: random.Random) -> list[Item]:
-    pairs = [(a, b) for a in range(100) for b in range(100)]
-    rng.shuffle(pairs)
-    return [Item("add", f"{a}+{b}=", str(a + b)) for a, b in pairs]
+def _last_letters(rng: random.Random, count: int) -> list[Item]:
+    words: set[str] = set()
+    while len(words) < count:
+        words.add("".join(rng.choice(LETTERS) for _ in range(rng.choice((3, 4, 5, 6)))))
+    return [Item("last", f"last letter of {w}:", w[-1]) for w in _shuffled(words, rng)]
 
 
-def _capitals() -> tuple[list[Item], list[Item]]:
-    """Train: every country's first phrasing and half the countries' second; held out: the rest."""
-    countries = sorted(CAPITALS)
-    first = [Item("capital", f"capital of {c}:", CAPITALS[c]) for c in countries]
-    second = [Item("capital", f"the capital of {c}:", CAPITALS[c]) for c in countries]
-    return first + second[::2], second[1::2]
+def _largest_digits(rng: random.Random, count: int) -> list[Item]:
+    numbers: set[str] = set()
+    while len(numbers) < count:
+        numbers.add("".join(rng.sample(DIGITS, rng.choice((3, 4, 5)))))
+    return [Item("largest", f"largest digit in {n}:", max(n)) for n in _shuffled(numbers, rng)]
 
 
-def _reversals(rng: random.Random) -> list[Item]:
-    words = sorted({"".join(rng.choice(LETTERS) for _ in range(rng.choice((3, 4)))) for _ in range(3000)})
-    rng.shuffle(words)
-    return [Item("reverse", f"reverse {w}:", w[::-1]) for w in words]
+def _shuffled(values: set[str], rng: random.Random) -> list[str]:
+    ordered = sorted(values)  # sets iterate in hash order; sort first so a seed replays
+    rng.shuffle(ordered)
+    return ordered
 
 
 def suite(
-    seed: int = 0, train_additions: int = 9000, held_out_per_task: int = 60
+    seed: int = 0, prompts_per_task: int = 8000, held_out_per_task: int = 100
 ) -> tuple[list[Item], list[Item]]:
     """(train, held_out) items; the held-out prompts appear nowhere in train."""
     rng = random.Random(seed)
-    additions, reversals = _additions(rng), _reversals(rng)
-    capitals_train, capitals_held = _capitals()
-    held_out = additions[:held_out_per_task] + reversals[:held_out_per_task] + capitals_held
-    train = additions[held_out_per_task : held_out_per_task + train_additions]
-    train += reversals[held_out_per_task : held_out_per_task + 1200] + capitals_train
+    train, held_out = [], []
+    for task in (_last_letters(rng, prompts_per_task), _largest_digits(rng, prompts_per_task)):
+        held_out += task[:held_out_per_task]
+        train += task[held_out_per_task:]
     assert not {i.prompt for i in train} & {i.prompt for i in held_out}
     return train, held_out
 
 
+def demonstration(item: Item, mistake_rate: float, rng: random.Random) -> str:
+    """The answer a careless labeller writes: now and then another character of the prompt."""
+    others = [c for c in item.subject if c != item.answer]  # none in "ppp": no slip to make
+    if others and rng.random() < mistake_rate:
+        return rng.choice(others)
+    return item.answer
+
+
 def distinct_2(outputs: list[str]) -> float:
-    """Distinct character bigrams over all bigrams of `outputs` (1 = no repetition at all)."""
+    """Distinct character bigrams over all bigrams of `outputs` (1 = no repetition at all).
+
+    Pass completions with their leading space: a one-character answer then counts as one bigram.
+    """
     bigrams = [o[i : i + 2] for o in outputs for i in range(len(o) - 1)]
     return len(set(bigrams)) / len(bigrams) if bigrams else 0.0
