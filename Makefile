@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 # The CPU wheel, installed before the project so pyproject's torch range is already met and pip
 # does not fetch a multi-GB CUDA build. GPU users: make TORCH_SPEC='torch==2.14.1' (a CUDA build).
 TORCH_SPEC ?= torch==2.13.0
-# The default pair: trained by `bon demo` and committed (about 7 MB); `make default-models` remakes it.
+# The default pair: trained by `bon demo` and committed (about 5 MB); `make default-models` remakes it.
 MODELS ?= default-models
 # A tiny random pair for the load benchmark, built on first use.
 TINY ?= models/tiny
@@ -36,7 +36,8 @@ demo: $(VENV)/.installed
 default-models: $(VENV)/.installed
 	rm -rf build/demo && $(VENV)/bin/bon demo --output build/demo
 	rm -rf $(MODELS) && mkdir -p $(MODELS)
-	cp -r build/demo/sft $(MODELS)/policy && cp -r build/demo/reward_model $(MODELS)/reward_model
+	cp -r $$($(PY) -c "import json; print(json.load(open('build/demo/demo.json'))['models']['policy'])") $(MODELS)/policy
+	cp -r build/demo/reward_model $(MODELS)/reward_model
 	cp build/demo/demo.json $(MODELS)/demo.json
 
 test: $(VENV)/.installed
