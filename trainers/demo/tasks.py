@@ -11,7 +11,7 @@ Why one-character answers: the Bradley-Terry RM reads one hidden state, at the a
 token. Checking a one-token answer against the prompt is one attention hop from that token. With
 multi-token answers (sums, reversals, sorted strings) the RM initialised from the SFT policy was
 measured to score by answer length and last token only, and best-of-N fell below one sample
-(DEVELOPERS.md, "The demo's reward model").
+(DEVELOPERS.md, "How the demo suite was chosen").
 
 Demonstrations are noisy: a share of them answer with another character of the prompt, the slip a
 careless labeller makes. The SFT policy learns the slips too, so its samples give best-of-N
