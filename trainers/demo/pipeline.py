@@ -32,7 +32,15 @@ from server.prompts import make_prompt, reward_input
 from server.reward import load_reward_model
 from server.sampling import SamplingParams
 from trainers.data import PreferenceGroup, SFTExample
-from trainers.demo.tasks import Item, demonstration, distinct_2, gold_score, is_correct, suite
+from trainers.demo.tasks import (
+    Item,
+    demonstration,
+    distinct_2,
+    first_line,
+    gold_score,
+    is_correct,
+    suite,
+)
 from trainers.engine import TrainArgs
 from trainers.raft import Selection, raft_from_log, sample_candidates
 from trainers.reward import train_reward_model
@@ -106,7 +114,7 @@ def evaluate(policy_dir: Path, rm_dir: Path, items: list[Item], cfg: DemoConfig)
     samples = sample(policy_dir, items, cfg.n, cfg, seed=10_000)
     scores = rewards(rm_dir, items, samples)
     correct = [[is_correct(i, t) for t in texts] for i, texts in zip(items, samples, strict=True)]
-    answers = [[t.split("\n", 1)[0] for t in texts] for texts in samples]  # with the leading space
+    answers = [[first_line(t) for t in texts] for texts in samples]
     return {
         "pass_at_1": statistics.fmean(statistics.fmean(c) for c in correct),
         "bon_pass": statistics.fmean(

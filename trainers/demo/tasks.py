@@ -40,9 +40,14 @@ class Item:
         return self.prompt.rsplit(" ", 1)[1].rstrip(":")
 
 
+def first_line(completion: str) -> str:
+    """The completion up to the first newline, leading space kept (what distinct_2 counts)."""
+    return completion.split("\n", 1)[0]
+
+
 def answer_of(completion: str) -> str:
-    """What the model answered: the completion up to the first newline, trimmed."""
-    return completion.split("\n", 1)[0].strip()
+    """What the model answered: the first line, trimmed."""
+    return first_line(completion).strip()
 
 
 def gold_score(item: Item, completion: str) -> float:
