@@ -34,7 +34,7 @@ def _add_serve(commands) -> None:
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from server.app import build_app
+    from server.api.app import build_app
     from server.checkpoints import CheckpointError
     from server.policy import load_policy
     from server.reward import load_reward_model
@@ -68,7 +68,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from server.export import export_samples
+    from server.log.export import export_samples
 
     try:
         count = export_samples(args.sample_log, args.output, args.format)

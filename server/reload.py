@@ -12,10 +12,10 @@ import logging
 from pathlib import Path
 
 from server import metrics
-from server.decoding import generate
+from server.engines.contract import SampleRequest, SamplingParams
+from server.engines.hf.decoding import generate
 from server.policy import Policy, load_policy
 from server.reward import RewardModel, load_reward_model
-from server.sampling import SampleRequest, SamplingParams
 from server.service import BestOfN
 
 log = logging.getLogger(__name__)

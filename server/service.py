@@ -8,13 +8,13 @@ import time
 from dataclasses import dataclass
 
 from server import metrics
-from server.errors import APIError
+from server.api.errors import APIError
+from server.engines.contract import Candidate, Sampler, SampleRequest, SamplingParams
+from server.engines.hf.scorer import BatchedScorer
+from server.log.sample_log import CandidateRecord, SampleLog
 from server.policy import Policy
 from server.prompts import Prompt, PromptError, chat_prompt, render_messages, reward_input, text_prompt
 from server.reward import Messages, RewardInput, RewardModel
-from server.sample_log import CandidateRecord, SampleLog
-from server.sampling import Candidate, Sampler, SampleRequest, SamplingParams
-from server.scorer import BatchedScorer
 from server.selection import rank_by_reward, ranks_of
 
 

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import API_KEYS, Pair, serve_command
 
-from server.sample_log import read_records
+from server.log.sample_log import read_records
 
 
 def serve_fails(pair: Pair, *extra: str) -> str:

@@ -15,9 +15,9 @@ import time
 import httpx
 from conftest import Pair, start_server, stop_server
 
-from server.decoding import generate
+from server.engines.contract import SampleRequest, SamplingParams
+from server.engines.hf.decoding import generate
 from server.policy import load_policy
-from server.sampling import SampleRequest, SamplingParams
 from trainers.data import PreferenceGroup
 from trainers.engine import TrainArgs
 from trainers.raft import Selection, raft_from_log

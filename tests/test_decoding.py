@@ -8,9 +8,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from server.decoding import generate
-from server.logits import choose_tokens, filter_logits, gumbel_noise
-from server.sampling import SampleRequest, SamplingParams
+from server.engines.contract import SampleRequest, SamplingParams
+from server.engines.hf.decoding import generate
+from server.engines.hf.logits import choose_tokens, filter_logits, gumbel_noise
 
 PROMPTS = ["the cat runs", "one two three four five six seven", "12 + 3 ="]
 

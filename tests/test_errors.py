@@ -11,7 +11,7 @@ from conftest import API_KEYS, start_server, stop_server
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from server import errors
+from server.api import errors
 
 AUTH = {"Authorization": f"Bearer {API_KEYS[0]}"}
 LONG_PROMPT = " ".join(["the cat runs"] * 200)  # far over the tiny policy's 256-token context

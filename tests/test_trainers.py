@@ -9,8 +9,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
+from server.log.sample_log import CandidateRecord, SampleLog
 from server.reward import load_reward_model
-from server.sample_log import CandidateRecord, SampleLog
 from trainers.data import DataError, PreferenceGroup, SFTExample, load_preferences, preference_group
 from trainers.engine import TrainArgs, make_accelerator, publish
 from trainers.losses import IGNORE, bradley_terry_loss, completion_loss, reward_centering
@@ -217,7 +217,7 @@ def test_lora_training_saves_a_merged_plain_checkpoint(models, tmp_path):
 
 
 def test_raft_self_sampling_runs_its_iterations_and_leaves_no_intermediates(models, tmp_path):
-    from server.sampling import SamplingParams
+    from server.engines.contract import SamplingParams
     from trainers.raft import raft_self_sampling
 
     prompts = ["the cat", "one two", [{"role": "user", "content": "hi"}]]

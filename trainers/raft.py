@@ -35,13 +35,13 @@ from pathlib import Path
 import torch
 
 from server.checkpoints import model_version
-from server.decoding import generate
+from server.engines.contract import Candidate, SampleRequest, SamplingParams
+from server.engines.hf.decoding import generate
+from server.log.sample_log import read_records
 from server.policy import Policy, load_policy
 from server.prompts import Prompt as ServedPrompt
 from server.prompts import make_prompt, reward_input
 from server.reward import load_reward_model
-from server.sample_log import read_records
-from server.sampling import Candidate, SampleRequest, SamplingParams
 from trainers.data import Prompt, SFTExample, read_jsonl
 from trainers.engine import TrainArgs, add_train_args, check_new_output, train_args
 from trainers.sft import finetune

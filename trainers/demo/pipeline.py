@@ -27,10 +27,10 @@ import httpx
 import torch
 
 from bon.tiny_models import build_model, train_tokenizer
+from server.engines.contract import SamplingParams
 from server.policy import load_policy
 from server.prompts import make_prompt, reward_input
 from server.reward import load_reward_model
-from server.sampling import SamplingParams
 from trainers.data import PreferenceGroup, SFTExample
 from trainers.demo.tasks import (
     Item,

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from server.logits import choose_tokens, filter_logits, gumbel_noise
-from server.sampling import Candidate, FinishReason, SampleRequest
+from server.engines.contract import Candidate, FinishReason, SampleRequest
+from server.engines.hf.logits import choose_tokens, filter_logits, gumbel_noise
 
 
 @dataclass

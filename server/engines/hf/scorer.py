@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from itertools import accumulate, pairwise
 
-from server.batching import TokenBudgetBatcher
-from server.hf_sampler import split_by
+from server.engines.hf.batching import TokenBudgetBatcher
+from server.engines.hf.sampler import split_by
 from server.reward import RewardModel
 
 

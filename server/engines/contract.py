@@ -1,6 +1,6 @@
 """The sampler interface: N candidates for one prompt, whatever engine draws them.
 
-The transformers engine (`server.hf_sampler`) implements it on CPU or GPU; a vLLM engine
+The transformers engine (`server.engines.hf`) implements it on CPU or GPU; a vLLM engine
 (`AsyncLLM` with `SamplingParams(n=N)`) implements the same protocol unchanged.
 """
 

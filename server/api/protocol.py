@@ -10,7 +10,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from server.sampling import SamplingParams
+from server.engines.contract import SamplingParams
 
 
 class _Request(BaseModel):

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from server.batching import TokenBudgetBatcher
-from server.decoding import generate
+from server.engines.contract import Candidate, SampleRequest
+from server.engines.hf.batching import TokenBudgetBatcher
+from server.engines.hf.decoding import generate
 from server.policy import Policy
-from server.sampling import Candidate, SampleRequest
 
 
 def split_by(items: list, key) -> dict[int, list[int]]:

@@ -14,24 +14,25 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
-from server import errors, metrics
-from server.batching import BatcherClosed, QueueFull
-from server.errors import APIError, error_response
-from server.hf_sampler import TransformersSampler
-from server.policy import Policy
-from server.protocol import (
+from server import metrics
+from server.api import errors
+from server.api.errors import APIError, error_response
+from server.api.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     FeedbackRequest,
     ReloadRequest,
     ScoreRequest,
 )
+from server.api.responses import as_stream, chat_body, completion_body
+from server.engines.contract import SamplingParams
+from server.engines.hf.batching import BatcherClosed, QueueFull
+from server.engines.hf.sampler import TransformersSampler
+from server.engines.hf.scorer import BatchedScorer
+from server.log.sample_log import FeedbackRecord, SampleLog
+from server.policy import Policy
 from server.reload import Reloader, ReloadRefused
-from server.responses import as_stream, chat_body, completion_body
 from server.reward import RewardModel
-from server.sample_log import FeedbackRecord, SampleLog
-from server.sampling import SamplingParams
-from server.scorer import BatchedScorer
 from server.service import BestOfN
 from server.settings import Settings
 

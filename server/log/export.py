@@ -8,7 +8,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from server.sample_log import read_records
+from server.log.sample_log import read_records
 
 
 def export_record(record: dict) -> dict:
