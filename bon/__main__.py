@@ -1,3 +1,5 @@
 from bon.cli import main
 
-main()
+# Guarded: vLLM starts its engine processes with spawn, which imports the main module again.
+if __name__ == "__main__":
+    main()

@@ -35,9 +35,10 @@ def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from server.api.app import build_app
-    from server.checkpoints import CheckpointError
-    from server.policy import load_policy
-    from server.reward import load_reward_model
+    from server.engines.build import EngineUnavailable, build_sampler, build_scorer
+    from server.failures import CheckpointError
+    from server.policy import read_policy
+    from server.reward import read_reward_model
     from server.settings import Settings
 
     given = {k: v for k, v in vars(args).items() if k in Settings.model_fields}
@@ -57,12 +58,13 @@ def _serve(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(settings.torch_threads)
     try:
-        policy = load_policy(settings.policy, settings.device, settings.dtype)
-        reward_model = load_reward_model(settings.reward_model, settings.device, settings.dtype)
-    except CheckpointError as error:
+        policy = read_policy(settings.policy)
+        reward_model = read_reward_model(settings.reward_model)
+        sampler, scorer = build_sampler(settings), build_scorer(settings)
+    except (CheckpointError, EngineUnavailable) as error:
         print(f"bon serve: {error}", file=sys.stderr)
         return 2
-    app = build_app(settings, policy, reward_model)
+    app = build_app(settings, policy, reward_model, sampler, scorer)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level)
     return 0
 

@@ -1,4 +1,8 @@
-"""What the policy and the reward model have in common: identity, dtype, context length."""
+"""What the policy and the reward model have in common: identity, dtype, context length, weights.
+
+Everything here reads a checkpoint's small files (config, tokenizer, safetensors headers), never
+its weights, so the service can know a model without loading it twice beside an engine.
+"""
 
 from __future__ import annotations
 
@@ -9,13 +13,12 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
+from server.failures import CheckpointError
+
 DTYPES = {"auto": "auto", "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-class CheckpointError(ValueError):
-    """A model directory that cannot be served as asked; the message says what to change."""
 
 
 def model_version(path: Path) -> str:
@@ -61,6 +64,31 @@ def checkpoint_dir(path: str | Path, role: str, flag: str) -> Path:
             f"{role} {path!r} is not a Hugging Face model directory (no config.json); set {flag}"
         )
     return resolved
+
+
+def checkpoint_dtype(config: PretrainedConfig) -> str:
+    """The dtype the checkpoint was saved in ("float32"...), which is what `--dtype auto` keeps."""
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
+    return str(dtype).removeprefix("torch.")
+
+
+def weight_names(directory: Path) -> set[str]:
+    """The tensor names of a checkpoint, read from safetensors headers or indexes (not the weights).
+
+    Raises CheckpointError when there are no weights or a weights file cannot be read.
+    """
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        index = directory / index_name
+        if index.is_file():
+            return set(json.loads(index.read_text())["weight_map"])
+    if (directory / "model.safetensors").is_file():
+        with safe_open(directory / "model.safetensors", framework="pt") as weights:
+            return set(weights.keys())
+    if (directory / "pytorch_model.bin").is_file():
+        # mmap: the tensors are not read, only the pickle's index of them.
+        state = torch.load(directory / "pytorch_model.bin", map_location="cpu", mmap=True, weights_only=True)
+        return set(state)
+    raise CheckpointError(f"{directory} has no weights (model.safetensors or pytorch_model.bin)")
 
 
 def torch_dtype(name: str):

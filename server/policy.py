@@ -1,4 +1,8 @@
-"""Loading the policy: any HF causal-LM directory, plus what sampling needs to know about it."""
+"""What the service knows of a policy: its tokenizer and limits, read without loading its weights.
+
+The weights belong to the sampling engine (`Sampler.load`); reading a checkpoint here is cheap, so
+a vLLM deployment does not hold the policy twice.
+"""
 
 from __future__ import annotations
 
@@ -6,48 +10,61 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoTokenizer, GenerationConfig, PreTrainedTokenizerBase
 
-from server.checkpoints import checkpoint_dir, context_length, loading, model_version, torch_dtype
+from server.checkpoints import (
+    checkpoint_dir,
+    checkpoint_dtype,
+    context_length,
+    loading,
+    model_version,
+    weight_names,
+)
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class Policy:
-    model: PreTrainedModel
-    tokenizer: PreTrainedTokenizerBase
+@dataclass(frozen=True)
+class PolicyInfo:
     path: Path
     version: str
+    tokenizer: PreTrainedTokenizerBase
     context_length: int
-    eos_ids: set[int]
+    eos_ids: frozenset[int]  # every token that ends a candidate
+    dtype: str  # the checkpoint's own dtype: what --dtype auto keeps
 
 
-def _eos_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> set[int]:
-    """Every token that ends a candidate: generation_config's (may be a list) and the tokenizer's."""
-    ids: set[int] = set()
-    configured = getattr(model.generation_config, "eos_token_id", None)
-    if configured is not None:
-        ids.update(configured if isinstance(configured, list) else [configured])
+def _eos_ids(directory: Path, config, tokenizer: PreTrainedTokenizerBase) -> frozenset[int]:
+    """generation_config's eos ids (an int or a list), else the model config's, plus the tokenizer's;
+    the same set transformers' generate and vLLM stop on."""
+    if (directory / "generation_config.json").is_file():
+        generation = GenerationConfig.from_pretrained(directory)
+    else:
+        generation = GenerationConfig.from_model_config(config)
+    configured = generation.eos_token_id
+    ids = set(configured if isinstance(configured, list) else [configured] if configured is not None else [])
     if tokenizer.eos_token_id is not None:
         ids.add(tokenizer.eos_token_id)
-    return ids
+    return frozenset(ids)
 
 
-def load_policy(path: str | Path, device: str, dtype: str) -> Policy:
+def read_policy(path: str | Path) -> PolicyInfo:
+    """Read a policy checkpoint's config and tokenizer; raises CheckpointError naming what is wrong."""
     directory = checkpoint_dir(path, "policy", "--policy")
     with loading("policy", directory):
+        config = AutoConfig.from_pretrained(directory)
         tokenizer = AutoTokenizer.from_pretrained(directory)
-        model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch_dtype(dtype)).to(device).eval()
+        weight_names(directory)  # a missing or unreadable weights file is refused now, not at load
+        eos_ids = _eos_ids(directory, config, tokenizer)
     if tokenizer.pad_token_id is None:
         # Padding positions are masked out; any id will do, eos is the customary one.
         log.warning("policy tokenizer has no pad token; padding with eos (%s)", tokenizer.eos_token)
         tokenizer.pad_token = tokenizer.eos_token
-    return Policy(
-        model=model,
-        tokenizer=tokenizer,
+    return PolicyInfo(
         path=directory,
         version=model_version(directory),
-        context_length=context_length(model.config, tokenizer),
-        eos_ids=_eos_ids(model, tokenizer),
+        tokenizer=tokenizer,
+        context_length=context_length(config, tokenizer),
+        eos_ids=eos_ids,
+        dtype=checkpoint_dtype(config),
     )

@@ -9,15 +9,8 @@ from dataclasses import dataclass
 
 from transformers import PreTrainedTokenizerBase
 
-from server.reward import Messages, RewardInput, RewardModel
-
-
-class PromptError(ValueError):
-    """A prompt this policy cannot take; `field` names the request field at fault."""
-
-    def __init__(self, message: str, field: str):
-        super().__init__(message)
-        self.field = field
+from server.failures import InvalidInput
+from server.reward import Messages, RewardInput, RewardModelInfo
 
 
 @dataclass
@@ -38,7 +31,7 @@ def text_prompt(tokenizer: PreTrainedTokenizerBase, text: str) -> Prompt:
     if not ids and tokenizer.bos_token_id is not None:
         ids = [tokenizer.bos_token_id]  # an empty prompt starts from bos, as OpenAI allows
     if not ids:
-        raise PromptError("prompt is empty and the policy has no bos token to start from", "prompt")
+        raise InvalidInput("prompt is empty and the policy has no bos token to start from", "prompt")
     return Prompt(token_ids=ids, text=text)
 
 
@@ -51,7 +44,7 @@ def render_messages(tokenizer: PreTrainedTokenizerBase, messages: Messages) -> s
 
 def chat_prompt(tokenizer: PreTrainedTokenizerBase, messages: Messages) -> Prompt:
     if not tokenizer.chat_template:
-        raise PromptError("the policy's tokenizer has no chat template; use /v1/completions", "messages")
+        raise InvalidInput("the policy's tokenizer has no chat template; use /v1/completions", "messages")
     text = render_messages(tokenizer, messages)
     # The template wrote the special tokens itself; defaults would add a second bos.
     return Prompt(token_ids=tokenizer(text, add_special_tokens=False).input_ids, text=text, messages=messages)
@@ -61,6 +54,6 @@ def make_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str | Messages) -> P
     return text_prompt(tokenizer, prompt) if isinstance(prompt, str) else chat_prompt(tokenizer, prompt)
 
 
-def reward_input(reward_model: RewardModel, prompt: Prompt, completion: str) -> RewardInput:
+def reward_input(reward_model: RewardModelInfo, prompt: Prompt, completion: str) -> RewardInput:
     """The RM's input for one candidate, after the RM's length rule."""
     return reward_model.fit(reward_model.encode(prompt.text, prompt.messages, completion))

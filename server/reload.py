@@ -1,8 +1,9 @@
 """Swapping in new checkpoints without a restart: `POST /admin/reload` and `--watch DIR`.
 
-A new checkpoint is loaded and test-run beside the serving one; only if both succeed does the
-service switch. Requests admitted before the switch finish on the models they started with
-(they hold pinned views); a checkpoint that fails to load is refused and the old one keeps serving.
+A new checkpoint is read, then loaded and test-run by its engine beside the serving one; only if
+that succeeds does the service switch. Requests admitted before the switch finish on the
+checkpoints they started with (they pin them); the engine releases the old weights after the last
+of them. A checkpoint that fails to load is refused and the old one keeps serving.
 """
 
 from __future__ import annotations
@@ -12,63 +13,59 @@ import logging
 from pathlib import Path
 
 from server import metrics
-from server.engines.contract import SampleRequest, SamplingParams
-from server.engines.hf.decoding import generate
-from server.policy import Policy, load_policy
-from server.reward import RewardModel, load_reward_model
-from server.service import BestOfN
+from server.failures import ReloadRefused
+from server.policy import read_policy
+from server.reward import read_reward_model
+from server.service import BestOfN, Loaded
 
 log = logging.getLogger(__name__)
 
 
-class ReloadRefused(Exception):
-    """The checkpoint could not be loaded or run; the message says why. Nothing was swapped."""
-
-
-def _smoke_test(policy: Policy | None, reward_model: RewardModel | None) -> None:
-    """One tiny forward through each new model, off the serving path."""
-    if policy is not None:
-        ids = policy.tokenizer("Hello").input_ids or [policy.tokenizer.bos_token_id or 0]
-        generate(
-            policy.model,
-            policy.tokenizer,
-            [SampleRequest(ids, 1, SamplingParams(max_tokens=1))],
-            policy.eos_ids,
-        )
-    if reward_model is not None:
-        reward_model.score([reward_model.encode("Hello", None, " world")])
-
-
 class Reloader:
-    def __init__(self, service: BestOfN, device: str, dtype: str):
+    def __init__(self, service: BestOfN):
         self.service = service
-        self.device, self.dtype = device, dtype
         self._lock = asyncio.Lock()  # one reload at a time
         self._refused: set[Path] = set()  # watched directories that failed, not retried
 
-    def _load(self, policy_dir: str | None, rm_dir: str | None) -> tuple[Policy | None, RewardModel | None]:
-        policy = load_policy(policy_dir, self.device, self.dtype) if policy_dir else None
-        reward_model = load_reward_model(rm_dir, self.device, self.dtype) if rm_dir else None
-        _smoke_test(policy, reward_model)
+    async def _load(self, policy_dir: str | None, rm_dir: str | None) -> tuple[Loaded | None, Loaded | None]:
+        """Both new checkpoints loaded in their engines, or neither (what loaded is released)."""
+        policy = reward_model = None
+        try:
+            if policy_dir:
+                info = await asyncio.to_thread(read_policy, policy_dir)
+                policy = Loaded(info, await self.service.sampler.load(info))
+            if rm_dir:
+                info = await asyncio.to_thread(read_reward_model, rm_dir)
+                reward_model = Loaded(info, await self.service.scorer.load(info))
+        except Exception:
+            if policy is not None:
+                await self.service.sampler.release(policy.weights)
+            raise
         return policy, reward_model
 
     async def reload(self, policy_dir: str | None = None, rm_dir: str | None = None) -> dict:
         async with self._lock:
             try:
-                policy, reward_model = await asyncio.to_thread(self._load, policy_dir, rm_dir)
+                policy, reward_model = await self._load(policy_dir, rm_dir)
             except Exception as error:  # whatever the checkpoint did wrong, the old models keep serving
                 for role, given in (("policy", policy_dir), ("reward_model", rm_dir)):
                     if given:
                         metrics.RELOADS.labels(role=role, outcome="refused").inc()
-                raise ReloadRefused(str(error)) from error
+                still = self.loaded()
+                raise ReloadRefused(
+                    f"checkpoint refused, still serving policy {still['policy']['path']} and reward model "
+                    f"{still['reward_model']['path']}: {error}"
+                ) from error
             old = self.service.policy, self.service.reward_model
-            self.service.swap(policy, reward_model)
+            await self.service.swap(policy, reward_model)
             for role, new, previous in (("policy", policy, old[0]), ("reward_model", reward_model, old[1])):
                 if new is not None:
                     metrics.MODEL_INFO.remove(role, str(previous.path), previous.version)
-                    metrics.MODEL_INFO.labels(role=role, path=str(new.path), version=new.version).set(1)
+                    metrics.MODEL_INFO.labels(
+                        role=role, path=str(new.info.path), version=new.info.version
+                    ).set(1)
                     metrics.RELOADS.labels(role=role, outcome="loaded").inc()
-                    log.info("reloaded %s: %s (version %s)", role, new.path, new.version)
+                    log.info("reloaded %s: %s (version %s)", role, new.info.path, new.info.version)
             return self.loaded()
 
     def loaded(self) -> dict:
@@ -93,12 +90,7 @@ class Reloader:
                     await self.reload(policy_dir=str(newest))
                 except ReloadRefused as error:
                     self._refused.add(newest)
-                    log.error(
-                        "watched checkpoint %s refused, still serving %s: %s",
-                        newest,
-                        self.service.policy.path,
-                        error,
-                    )
+                    log.error("watched checkpoint %s refused: %s", newest, error)
             await asyncio.sleep(interval)
 
 

@@ -1,21 +1,47 @@
-"""Best-of-N for one request: sample best_of, score each, rank, return the top n, log them all."""
+"""Best-of-N for one request: sample best_of, score each, rank, return the top n, log them all.
+
+The service holds the engines (a `Sampler` and a `RewardScorer`) and the loaded checkpoints. Each
+request pins the checkpoints it was admitted with; a reload swaps in new ones for later requests,
+and the old weights are released once the last request holding them is answered.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import copy
 import time
-from dataclasses import dataclass
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, replace
+from typing import Generic, TypeVar
 
 from server import metrics
-from server.api.errors import APIError
-from server.engines.contract import Candidate, Sampler, SampleRequest, SamplingParams
-from server.engines.hf.scorer import BatchedScorer
+from server.engines.contract import (
+    Candidate,
+    RewardScorer,
+    Sampler,
+    SampleRequest,
+    SamplingParams,
+    sampling_cost,
+)
+from server.failures import ContextTooLong, InvalidInput
 from server.log.sample_log import CandidateRecord, SampleLog
-from server.policy import Policy
-from server.prompts import Prompt, PromptError, chat_prompt, render_messages, reward_input, text_prompt
-from server.reward import Messages, RewardInput, RewardModel
+from server.policy import PolicyInfo
+from server.prompts import Prompt, chat_prompt, render_messages, reward_input, text_prompt
+from server.reward import Messages, RewardInput, RewardModelInfo
 from server.selection import rank_by_reward, ranks_of
+
+Info = TypeVar("Info", PolicyInfo, RewardModelInfo)
+
+
+@dataclass(eq=False)
+class Loaded(Generic[Info]):
+    """A checkpoint loaded in an engine: what the service knows of it, and the engine's handle."""
+
+    info: Info
+    weights: object  # opaque: whatever the engine's `load` returned
+    holders: int = 0  # requests pinned to it right now
+    retired: bool = False  # swapped out: released when the last holder lets go
 
 
 @dataclass
@@ -39,50 +65,93 @@ class BestOfNResult:
         return sum(len(c.candidate.token_ids) for c in self.candidates)
 
 
+def draws(params: SamplingParams, best_of: int) -> int:
+    """Distinct candidates to decode. Temperature 0 is greedy and has exactly one completion, so with
+    best_of > 1 it is decoded once and stands for every candidate (vLLM refuses greedy n > 1;
+    decoding the same row best_of times would only cost more)."""
+    return 1 if params.temperature == 0 else best_of
+
+
 class BestOfN:
-    """Holds the engines and the loaded models; every route goes through it."""
+    """Holds the engines and the loaded checkpoints; every route goes through it."""
 
     def __init__(
         self,
-        policy: Policy,
-        reward_model: RewardModel,
+        policy: Loaded[PolicyInfo],
+        reward_model: Loaded[RewardModelInfo],
         sampler: Sampler,
-        scorer: BatchedScorer,
+        scorer: RewardScorer,
         sample_log: SampleLog | None,
         max_best_of: int,
         max_batch_tokens: int,
     ):
-        self.policy = policy
-        self.reward_model = reward_model
+        self.loaded_policy = policy
+        self.loaded_reward_model = reward_model
         self.sampler = sampler
         self.scorer = scorer
         self.sample_log = sample_log
         self.max_best_of = max_best_of
         self.max_batch_tokens = max_batch_tokens
 
-    def pinned(self) -> BestOfN:
-        """A view whose policy and reward model stay fixed for one request, whatever reloads
-        happen meanwhile; it shares the engines and the log."""
-        return copy.copy(self)
+    @property
+    def policy(self) -> PolicyInfo:
+        return self.loaded_policy.info
 
-    def swap(self, policy: Policy | None = None, reward_model: RewardModel | None = None) -> None:
-        """Serve new requests with new models; pinned views keep the old ones until they finish."""
-        self.policy = policy or self.policy
-        self.reward_model = reward_model or self.reward_model
+    @property
+    def reward_model(self) -> RewardModelInfo:
+        return self.loaded_reward_model.info
+
+    # --- checkpoints: pinning, swapping, releasing ----------------------------------------------
+
+    @asynccontextmanager
+    async def pinned(self) -> AsyncIterator[BestOfN]:
+        """A view whose checkpoints stay fixed for one request, whatever reloads happen meanwhile;
+        it shares the engines and the log."""
+        view = copy.copy(self)
+        held = (view.loaded_policy, view.loaded_reward_model)
+        for loaded in held:
+            loaded.holders += 1
+        try:
+            yield view
+        finally:
+            for loaded in held:
+                loaded.holders -= 1
+            await self._release_if_done(*held)
+
+    async def swap(
+        self, policy: Loaded[PolicyInfo] | None = None, reward_model: Loaded[RewardModelInfo] | None = None
+    ) -> None:
+        """Serve new requests with new checkpoints; pinned views keep the old ones until they finish."""
+        old = []
+        if policy is not None:
+            old.append(self.loaded_policy)
+            self.loaded_policy = policy
+        if reward_model is not None:
+            old.append(self.loaded_reward_model)
+            self.loaded_reward_model = reward_model
+        for loaded in old:
+            loaded.retired = True
+        await self._release_if_done(*old)
+
+    async def _release_if_done(self, *loaded: Loaded) -> None:
+        for item in loaded:
+            if item.retired and item.holders == 0:
+                item.retired = False  # released once, whoever gets here first
+                engine = self.sampler if isinstance(item.info, PolicyInfo) else self.scorer
+                await engine.release(item.weights)
+
+    async def check(self) -> None:
+        """Raise EngineDead when either engine can no longer serve."""
+        await self.sampler.check()
+        await self.scorer.check()
 
     # --- prompt preparation (policy side) -------------------------------------------------------
 
     def text_prompt(self, text: str) -> Prompt:
-        try:
-            return text_prompt(self.policy.tokenizer, text)
-        except PromptError as error:
-            raise APIError(400, str(error), error.field) from None
+        return text_prompt(self.policy.tokenizer, text)
 
     def chat_prompt(self, messages: Messages) -> Prompt:
-        try:
-            return chat_prompt(self.policy.tokenizer, messages)
-        except PromptError as error:
-            raise APIError(400, str(error), error.field) from None
+        return chat_prompt(self.policy.tokenizer, messages)
 
     def render_messages(self, messages: Messages) -> str:
         return render_messages(self.policy.tokenizer, messages)
@@ -95,26 +164,24 @@ class BestOfN:
         param = "max_tokens" if room >= 1 else "messages" if prompts[0].messages is not None else "prompt"
         if room < 1 or (requested is not None and requested > room):
             asked = requested if requested is not None else 1
-            raise APIError(
-                400,
+            raise ContextTooLong(
                 f"the policy's maximum context length is {self.policy.context_length} tokens, but "
                 f"{longest + asked} were requested ({longest} in the prompt, {asked} to generate)",
                 param,
-                "context_length_exceeded",
             )
         return requested if requested is not None else min(default, room)
 
-    def check_best_of(self, best_of: int, max_tokens: int, prompts: list[Prompt]) -> None:
+    def check_best_of(self, best_of: int, params: SamplingParams, prompts: list[Prompt]) -> None:
         if best_of > self.max_best_of:
-            raise APIError(
-                400, f"best_of is {best_of}; this server allows at most {self.max_best_of}", "best_of"
+            raise InvalidInput(
+                f"best_of is {best_of}; this server allows at most {self.max_best_of}", "best_of"
             )
-        need = max(len(p.token_ids) for p in prompts) + best_of * max_tokens
+        rows = draws(params, best_of)
+        need = sampling_cost(max(len(p.token_ids) for p in prompts), rows, params.max_tokens)
         if need > self.max_batch_tokens:
-            raise APIError(
-                400,
-                f"one prompt needs {need} tokens of batch budget (prompt + best_of {best_of} x "
-                f"max_tokens {max_tokens}) but --max-batch-tokens is {self.max_batch_tokens}",
+            raise InvalidInput(
+                f"one prompt needs {need} tokens of batch budget (prompt + {rows} candidates x "
+                f"max_tokens {params.max_tokens}) but --max-batch-tokens is {self.max_batch_tokens}",
                 "max_tokens",
             )
 
@@ -122,6 +189,10 @@ class BestOfN:
 
     def reward_input(self, prompt: Prompt, completion: str) -> RewardInput:
         return reward_input(self.reward_model, prompt, completion)
+
+    async def score(self, inputs: list[list[int]]) -> list[float]:
+        """Rewards of RM inputs with this view's reward model."""
+        return await self.scorer.score(inputs, self.loaded_reward_model.weights)
 
     # --- the pipeline ---------------------------------------------------------------------------
 
@@ -139,11 +210,17 @@ class BestOfN:
             self.sample_log.append(self._records(request_id, results, params))
         return list(results)
 
-    async def _one(self, prompt: Prompt, params: SamplingParams, n: int, best_of: int) -> BestOfNResult:
-        request = SampleRequest(prompt.token_ids, best_of, params, weights=self.policy)
+    async def _sample(self, prompt: Prompt, params: SamplingParams, best_of: int) -> list[Candidate]:
+        rows = draws(params, best_of)
+        request = SampleRequest(prompt.token_ids, rows, params, weights=self.loaded_policy.weights)
         candidates = await self.sampler.sample(request)
+        # Greedy: the one decoded completion stands for every candidate (copies, not shared objects).
+        return [*candidates, *(replace(candidates[0]) for _ in range(best_of - rows))]
+
+    async def _one(self, prompt: Prompt, params: SamplingParams, n: int, best_of: int) -> BestOfNResult:
+        candidates = await self._sample(prompt, params, best_of)
         inputs = [self.reward_input(prompt, c.text) for c in candidates]
-        rewards = await self.scorer.score([i.token_ids for i in inputs], self.reward_model)
+        rewards = await self.score([i.token_ids for i in inputs])
         ranks = ranks_of(rewards)
         scored = [
             ScoredCandidate(c, r, rank, i.truncated)

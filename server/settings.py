@@ -20,7 +20,13 @@ class Settings(BaseSettings):
     served_model_name: str | None = Field(
         None, description="The `model` clients send; defaults to the policy directory's name."
     )
-    device: str = Field("cpu", description="cpu, cuda or cuda:N.")
+    engine: Literal["transformers", "vllm"] = Field(
+        "transformers", description="What samples the candidates: transformers, or vllm (bon[vllm])."
+    )
+    reward_engine: Literal["transformers", "vllm"] = Field(
+        "transformers", description="What scores them: transformers, or vllm's pooling runner."
+    )
+    device: str = Field("cpu", description="cpu, cuda or cuda:N (transformers engine; vLLM picks its own).")
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
         "auto", description="Weights dtype; auto keeps the checkpoint's."
     )
@@ -51,6 +57,25 @@ class Settings(BaseSettings):
         20.0, ge=0, le=1000, description="How long an idle sampler waits for concurrent requests to batch."
     )
     default_max_tokens: int = Field(16, ge=1, description="max_tokens when a request gives none.")
+    vllm_gpu_memory_utilization: float = Field(
+        0.4,
+        gt=0,
+        le=1,
+        description="GPU memory fraction of the vLLM policy engine. A reload starts the new engine "
+        "beside the serving one, so keep it at most (1 - the reward engine's) / 2.",
+    )
+    vllm_reward_gpu_memory_utilization: float = Field(
+        0.1, gt=0, le=1, description="GPU memory fraction of the vLLM reward engine (the same reload rule)."
+    )
+    vllm_kv_cache_gib: float | None = Field(
+        None,
+        gt=0,
+        description="KV cache of each vLLM engine in GiB, instead of the GPU fractions; on a CPU "
+        "it defaults to 1 (vLLM's own default takes most of the machine's memory).",
+    )
+    vllm_enforce_eager: bool = Field(
+        False, description="vLLM without torch.compile or CUDA graphs: starts faster, steps slower."
+    )
     sample_log: Path = Field(Path("bon-samples.db"), description="SQLite file of every candidate.")
     no_sample_log: bool = Field(False, description="Keep no candidate log.")
     sample_log_flush_seconds: float = Field(

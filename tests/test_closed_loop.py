@@ -17,7 +17,7 @@ from conftest import Pair, start_server, stop_server
 
 from server.engines.contract import SampleRequest, SamplingParams
 from server.engines.hf.decoding import generate
-from server.policy import load_policy
+from server.engines.hf.models import load_policy
 from trainers.data import PreferenceGroup
 from trainers.engine import TrainArgs
 from trainers.raft import Selection, raft_from_log
@@ -33,13 +33,10 @@ def gold(text: str) -> float:
 def sample(policy_dir, prompts: list[str], k: int, seed: int) -> list[list[str]]:
     policy = load_policy(policy_dir, "cpu", "auto")
     requests = [
-        SampleRequest(policy.tokenizer(p).input_ids, k, SamplingParams(max_tokens=6, seed=seed + i))
+        SampleRequest(policy.tokenizer(p).input_ids, k, SamplingParams(max_tokens=6, seed=seed + i), policy)
         for i, p in enumerate(prompts)
     ]
-    return [
-        [c.text for c in cands]
-        for cands in generate(policy.model, policy.tokenizer, requests, policy.eos_ids)
-    ]
+    return [[c.text for c in cands] for cands in generate(policy, requests)]
 
 
 def mean_gold(samples: list[list[str]]) -> float:

@@ -3,31 +3,35 @@
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import replace
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from server.engines.contract import SampleRequest, SamplingParams
 from server.engines.hf.decoding import generate
 from server.engines.hf.logits import choose_tokens, filter_logits, gumbel_noise
+from server.engines.hf.models import HFPolicy, load_policy
 
 PROMPTS = ["the cat runs", "one two three four five six seven", "12 + 3 ="]
 
 
-def load(path):
-    return AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
+def load(path, eos_ids=frozenset()) -> HFPolicy:
+    """The engine's policy with the given end-of-sequence ids (none: every candidate runs to length)."""
+    policy = load_policy(path, "cpu", "float32")
+    return HFPolicy(replace(policy.info, eos_ids=frozenset(eos_ids)), policy.model)
 
 
 @pytest.mark.parametrize("name", ["gpt2_policy", "llama_policy", "qwen2_policy"])
 def test_greedy_matches_generate_for_every_row_of_a_mixed_batch(models, name):
-    model, tok = load(models[name])
+    policy = load(models[name])
+    model, tok = policy.model, policy.tokenizer
     # Prompts of different lengths (left padding) and different n (uneven KV-cache expansion).
     requests = [
-        SampleRequest(tok(p).input_ids, n, SamplingParams(max_tokens=10, temperature=0))
+        SampleRequest(tok(p).input_ids, n, SamplingParams(max_tokens=10, temperature=0), policy)
         for p, n in zip(PROMPTS, (1, 3, 2), strict=True)
     ]
-    results = generate(model, tok, requests, eos_ids=set())
+    results = generate(policy, requests)
     for request, candidates in zip(requests, results, strict=True):
         ids = torch.tensor([request.prompt_ids])
         expected = model.generate(
@@ -40,39 +44,41 @@ def test_greedy_matches_generate_for_every_row_of_a_mixed_batch(models, name):
 
 
 def test_top_k_one_is_greedy(models):
-    model, tok = load(models["gpt2_policy"])
+    policy = load(models["gpt2_policy"])
+    tok = policy.tokenizer
     ids = tok(PROMPTS[0]).input_ids
-    greedy = generate(model, tok, [SampleRequest(ids, 1, SamplingParams(max_tokens=8, temperature=0))], set())
+    greedy = generate(policy, [SampleRequest(ids, 1, SamplingParams(max_tokens=8, temperature=0), policy)])
     top1 = generate(
-        model,
-        tok,
-        [SampleRequest(ids, 3, SamplingParams(max_tokens=8, temperature=1.5, top_k=1, seed=3))],
-        set(),
+        policy,
+        [SampleRequest(ids, 3, SamplingParams(max_tokens=8, temperature=1.5, top_k=1, seed=3), policy)],
     )
     assert all(c.token_ids == greedy[0][0].token_ids for c in top1[0])
 
 
 def test_seeded_candidates_do_not_depend_on_batch_neighbours(models):
-    model, tok = load(models["llama_policy"])
+    policy = load(models["llama_policy"])
+    tok = policy.tokenizer
     params = SamplingParams(max_tokens=12, temperature=1.0, top_p=0.9, seed=42)
-    mine = SampleRequest(tok(PROMPTS[1]).input_ids, 4, params)
-    alone = generate(model, tok, [mine], set())[0]
+    mine = SampleRequest(tok(PROMPTS[1]).input_ids, 4, params, policy)
+    alone = generate(policy, [mine])[0]
     neighbours = [
-        SampleRequest(tok(p).input_ids, 3, SamplingParams(max_tokens=5, seed=i))
+        SampleRequest(tok(p).input_ids, 3, SamplingParams(max_tokens=5, seed=i), policy)
         for i, p in enumerate(PROMPTS)
     ]
-    crowded = generate(model, tok, [neighbours[0], mine, neighbours[2]], set())[1]
+    crowded = generate(policy, [neighbours[0], mine, neighbours[2]])[1]
     assert [c.token_ids for c in alone] == [c.token_ids for c in crowded]
     assert len({tuple(c.token_ids) for c in alone}) > 1  # the four candidates differ from each other
 
 
 def test_eos_ends_a_candidate_and_is_counted_not_shown(models):
-    model, tok = load(models["gpt2_policy"])
-    request = SampleRequest(tok(PROMPTS[0]).input_ids, 1, SamplingParams(max_tokens=12, seed=0))
-    [[first]] = generate(model, tok, [request], set())
+    policy = load(models["gpt2_policy"])
+    tok = policy.tokenizer
+    request = SampleRequest(tok(PROMPTS[0]).input_ids, 1, SamplingParams(max_tokens=12, seed=0), policy)
+    [[first]] = generate(policy, [request])
     # Declare a token that first appears midway an end-of-sequence token; the same seed replays.
     k = next(i for i, t in enumerate(first.token_ids) if i > 0 and t not in first.token_ids[:i])
-    [[stopped]] = generate(model, tok, [request], {first.token_ids[k]})
+    stopping = load(models["gpt2_policy"], {first.token_ids[k]})
+    [[stopped]] = generate(stopping, [replace(request, weights=stopping)])
     assert stopped.token_ids == first.token_ids[: k + 1] and stopped.finish_reason == "stop"
     assert stopped.text == tok.decode(first.token_ids[:k], skip_special_tokens=True)
 

@@ -11,7 +11,7 @@ from reference import reward_of_ids
 from transformers import AutoTokenizer
 
 from bon.tiny_models import build_model, tokenizer_b
-from server.reward import load_reward_model
+from server.engines.hf.models import load_reward_model
 from server.selection import rank_by_reward, ranks_of
 
 TEXTS = ["the cat runs fast", "one", "12 + 3 = 15 and then more words here", "a dog"]
@@ -37,7 +37,7 @@ def test_score_is_the_raw_logit_at_the_last_real_token(rm, models, side):
     ids = [rm.tokenizer(t).input_ids for t in TEXTS]
     expected = [reward_of_ids(models["llama_rm"], seq) for seq in ids]
     with torch.no_grad():
-        got = rm.scorer(*padded(ids, side, rm.tokenizer.pad_token_id)).tolist()
+        got = rm.read_out(*padded(ids, side, rm.tokenizer.pad_token_id)).tolist()
     assert got == pytest.approx(expected, abs=1e-4)
     assert rm.score(ids) == pytest.approx(expected, abs=1e-4)
 
@@ -47,7 +47,7 @@ def test_pad_equal_to_eos_inside_the_text_does_not_move_the_read_out(rm, models)
     eos = rm.tokenizer.eos_token_id
     ids = [rm.tokenizer(TEXTS[0]).input_ids + [eos], rm.tokenizer(TEXTS[2]).input_ids]
     with torch.no_grad():
-        got = rm.scorer(*padded(ids, "right", eos)).tolist()
+        got = rm.read_out(*padded(ids, "right", eos)).tolist()
     assert got[0] == pytest.approx(reward_of_ids(models["llama_rm"], ids[0]), abs=1e-4)
 
 
@@ -69,16 +69,16 @@ def test_missing_pad_token_is_set_with_a_warning(tmp_path, caplog):
 
 
 def test_inputs_over_the_rm_context_keep_their_tail_and_are_flagged(rm):
-    long = list(range(3, 3 + rm.max_length + 10))
-    fitted = rm.fit(long)
-    assert fitted.truncated and fitted.token_ids == long[-rm.max_length :]
-    short = rm.fit(long[:10])
+    long = list(range(3, 3 + rm.info.max_length + 10))
+    fitted = rm.info.fit(long)
+    assert fitted.truncated and fitted.token_ids == long[-rm.info.max_length :]
+    short = rm.info.fit(long[:10])
     assert not short.truncated and short.token_ids == long[:10]
 
 
 def test_chat_input_uses_the_rm_template_without_a_second_bos(rm):
     messages = [{"role": "user", "content": "hi"}]
-    ids = rm.encode("unused", messages, "hello")
+    ids = rm.info.encode("unused", messages, "hello")
     assert ids.count(rm.tokenizer.bos_token_id) == 1
     assert rm.tokenizer.decode(ids) == "<s>user: hi\nassistant: hello\n"
 

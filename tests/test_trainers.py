@@ -9,8 +9,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
+from server.engines.hf.models import load_reward_model
 from server.log.sample_log import CandidateRecord, SampleLog
-from server.reward import load_reward_model
 from trainers.data import DataError, PreferenceGroup, SFTExample, load_preferences, preference_group
 from trainers.engine import TrainArgs, make_accelerator, publish
 from trainers.losses import IGNORE, bradley_terry_loss, completion_loss, reward_centering

@@ -37,11 +37,10 @@ import torch
 from server.checkpoints import model_version
 from server.engines.contract import Candidate, SampleRequest, SamplingParams
 from server.engines.hf.decoding import generate
+from server.engines.hf.models import HFPolicy, load_policy, load_reward_model
 from server.log.sample_log import read_records
-from server.policy import Policy, load_policy
 from server.prompts import Prompt as ServedPrompt
 from server.prompts import make_prompt, reward_input
-from server.reward import load_reward_model
 from trainers.data import Prompt, SFTExample, read_jsonl
 from trainers.engine import TrainArgs, add_train_args, check_new_output, train_args
 from trainers.sft import finetune
@@ -125,7 +124,7 @@ def samples_from_log(sample_log: Path, since: float, until: float) -> list[Sampl
 
 @torch.inference_mode()
 def sample_candidates(
-    policy: Policy, prompts: list[Prompt], k: int, params: SamplingParams, batch: int
+    policy: HFPolicy, prompts: list[Prompt], k: int, params: SamplingParams, batch: int
 ) -> list[tuple[ServedPrompt, list[Candidate]]]:
     """K candidates per prompt with the server's decoding code, `batch` prompts per call.
 
@@ -136,11 +135,14 @@ def sample_candidates(
         chunk = [make_prompt(policy.tokenizer, p) for p in prompts[start : start + batch]]
         requests = [
             SampleRequest(
-                p.token_ids, k, replace(params, seed=None if params.seed is None else params.seed + start + j)
+                p.token_ids,
+                k,
+                replace(params, seed=None if params.seed is None else params.seed + start + j),
+                weights=policy,
             )
             for j, p in enumerate(chunk)
         ]
-        out += zip(chunk, generate(policy.model, policy.tokenizer, requests, policy.eos_ids), strict=True)
+        out += zip(chunk, generate(policy, requests), strict=True)
     return out
 
 
@@ -160,7 +162,7 @@ def sample_and_score(
     for raw, (prompt, cands) in zip(
         prompts, sample_candidates(policy, prompts, k, params, batch), strict=True
     ):
-        rewards = rm.score([reward_input(rm, prompt, c.text).token_ids for c in cands])
+        rewards = rm.score([reward_input(rm.info, prompt, c.text).token_ids for c in cands])
         samples += [Sample(raw, c.text, r) for c, r in zip(cands, rewards, strict=True)]
     return samples
 

@@ -25,8 +25,9 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from server.engines.hf.models import LastTokenReward, pad_right
 from server.prompts import render_messages
-from server.reward import LastTokenReward, encode_candidate, pad_right
+from server.reward import encode_candidate
 from trainers.data import PreferenceGroup, load_feedback, load_preferences
 from trainers.engine import (
     TrainArgs,

@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import DataLoader
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
-from server.reward import pad_right
+from server.engines.hf.models import pad_right
 from trainers.data import SFTExample, load_sft
 from trainers.engine import (
     TrainArgs,

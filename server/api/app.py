@@ -7,6 +7,7 @@ import logging
 import secrets
 import time
 import uuid
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated
 
@@ -16,7 +17,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
 from server import metrics
 from server.api import errors
-from server.api.errors import APIError, error_response
+from server.api.errors import APIError, failure_response
 from server.api.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -25,15 +26,13 @@ from server.api.protocol import (
     ScoreRequest,
 )
 from server.api.responses import as_stream, chat_body, completion_body
-from server.engines.contract import SamplingParams
-from server.engines.hf.batching import BatcherClosed, QueueFull
-from server.engines.hf.sampler import TransformersSampler
-from server.engines.hf.scorer import BatchedScorer
+from server.engines.contract import RewardScorer, Sampler, SamplingParams
+from server.failures import ContextTooLong, EngineDead, NotReady
 from server.log.sample_log import FeedbackRecord, SampleLog
-from server.policy import Policy
-from server.reload import Reloader, ReloadRefused
-from server.reward import RewardModel
-from server.service import BestOfN
+from server.policy import PolicyInfo
+from server.reload import Reloader
+from server.reward import RewardModelInfo
+from server.service import BestOfN, Loaded
 from server.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -48,7 +47,6 @@ ROUTES = (
     "/ready",
     "/admin/reload",
 )
-RETRY_AFTER_SECONDS = 1
 # How often a waiting handler checks whether its client is still there.
 DISCONNECT_POLL_SECONDS = 0.1
 
@@ -76,16 +74,12 @@ class _RequestMetrics:
             metrics.REQUEST_SECONDS.labels(route=route).observe(time.perf_counter() - start)
 
 
-async def _service(request: Request) -> BestOfN:
+async def _service(request: Request) -> AsyncIterator[BestOfN]:
     if not request.app.state.ready:
-        raise APIError(
-            503,
-            "the models are still warming up; retry shortly",
-            code="not_ready",
-            headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
-        )
+        raise NotReady("the models are still warming up; retry shortly")
     # Pinned: this request keeps its policy and reward model even if a reload lands meanwhile.
-    return request.app.state.service.pinned()
+    async with request.app.state.service.pinned() as service:
+        yield service
 
 
 Service = Annotated[BestOfN, Depends(_service)]
@@ -121,12 +115,13 @@ async def _authorize_admin(request: Request) -> None:
         raise APIError(403, "this key may not use the admin API", code="forbidden")
 
 
-def _check_model(request: Request, model: str | None) -> None:
-    names = request.app.state.model_names
-    if model is not None and model not in names:
+def _check_model(request: Request, service: BestOfN, model: str | None) -> None:
+    """The served name, or the path of the policy this request runs on (it changes on reload)."""
+    name = request.app.state.model_name
+    if model is not None and model not in (name, str(service.policy.path)):
         raise APIError(
             404,
-            f"the model {model!r} does not exist; this server serves {names[0]!r}",
+            f"the model {model!r} does not exist; this server serves {name!r}",
             "model",
             "model_not_found",
         )
@@ -143,15 +138,6 @@ async def _until_disconnect(request: Request, work):
             if await request.is_disconnected():
                 task.cancel()
                 raise APIError(499, "client closed the request")
-    except QueueFull as full:
-        raise APIError(
-            429,
-            f"server overloaded: {full}",
-            code="overloaded",
-            headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
-        ) from None
-    except BatcherClosed:
-        raise APIError(503, "server is shutting down", code="shutting_down") from None
     finally:
         task.cancel()
 
@@ -166,7 +152,7 @@ async def list_models(request: Request, service: Service) -> dict:
         "object": "list",
         "data": [
             {
-                "id": request.app.state.model_names[0],
+                "id": request.app.state.model_name,
                 "object": "model",
                 "created": request.app.state.started,
                 "owned_by": "bon",
@@ -181,8 +167,9 @@ async def list_models(request: Request, service: Service) -> dict:
 
 def _params(request: Request, service: Service, body, prompts) -> SamplingParams:
     max_tokens = service.resolve_max_tokens(prompts, body.max_tokens, request.app.state.default_max_tokens)
-    service.check_best_of(body.best_of, max_tokens, prompts)
-    return body.sampling_params(max_tokens)
+    params = body.sampling_params(max_tokens)
+    service.check_best_of(body.best_of, params, prompts)
+    return params
 
 
 def _maybe_stream(body: dict, stream: bool):
@@ -192,7 +179,7 @@ def _maybe_stream(body: dict, stream: bool):
 @router.post("/completions")
 async def completions(body: CompletionRequest, request: Request, service: Service):
     """Best-of-N text completion for one prompt or a list of prompts."""
-    _check_model(request, body.model)
+    _check_model(request, service, body.model)
     prompts = [service.text_prompt(p) for p in body.prompts()]
     params = _params(request, service, body, prompts)
     request_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
@@ -208,7 +195,7 @@ async def completions(body: CompletionRequest, request: Request, service: Servic
 @router.post("/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request, service: Service):
     """Best-of-N chat completion; the RM reads the conversation through its own chat template."""
-    _check_model(request, body.model)
+    _check_model(request, service, body.model)
     prompt = service.chat_prompt([m.plain() for m in body.messages])
     params = _params(request, service, body, [prompt])
     request_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
@@ -222,7 +209,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, servic
 @router.post("/score")
 async def score(body: ScoreRequest, request: Request, service: Service) -> dict:
     """Rewards of given responses (one prompt, many responses; or unrelated pairs), in input order."""
-    _check_model(request, body.model)
+    _check_model(request, service, body.model)
     rm = service.reward_model
     inputs = []
     for index, pair in enumerate(body.as_pairs()):
@@ -233,18 +220,16 @@ async def score(body: ScoreRequest, request: Request, service: Service) -> dict:
             ids = rm.encode(service.render_messages(messages), messages, pair.response)
         if len(ids) > rm.max_length:
             field = "pairs" if body.pairs is not None else "responses"
-            raise APIError(
-                400,
+            raise ContextTooLong(
                 f"{field}[{index}] is {len(ids)} tokens for the reward model, over its limit of "
                 f"{rm.max_length}; /v1/score does not truncate",
                 field,
-                "context_length_exceeded",
             )
         inputs.append(ids)
-    rewards = await _until_disconnect(request, service.scorer.score(inputs, rm))
+    rewards = await _until_disconnect(request, service.score(inputs))
     return {
         "object": "list",
-        "model": request.app.state.model_names[0],
+        "model": request.app.state.model_name,
         "reward_model": str(rm.path),
         "data": [{"index": i, "reward": r} for i, r in enumerate(rewards)],
     }
@@ -299,17 +284,7 @@ admin = APIRouter(prefix="/admin", dependencies=[Depends(_authorize_admin)])
 @admin.post("/reload")
 async def reload(body: ReloadRequest, request: Request) -> dict:
     """Load new checkpoints and switch to them; in-flight requests finish on the old ones."""
-    reloader: Reloader = request.app.state.reloader
-    try:
-        return await reloader.reload(body.policy, body.reward_model)
-    except ReloadRefused as error:
-        still = reloader.loaded()
-        raise APIError(
-            400,
-            f"checkpoint refused, still serving policy {still['policy']['path']} and reward model "
-            f"{still['reward_model']['path']}: {error}",
-            code="reload_refused",
-        ) from None
+    return await request.app.state.reloader.reload(body.policy, body.reward_model)
 
 
 async def _warm_up(app: FastAPI, service: BestOfN) -> None:
@@ -323,40 +298,52 @@ async def _warm_up(app: FastAPI, service: BestOfN) -> None:
         log.exception("warm-up failed; the server stays not ready")
 
 
-def build_app(settings: Settings, policy: Policy, reward_model: RewardModel) -> FastAPI:
-    """Wire loaded models into engines and routes. Models are loaded (and checked) by the caller,
-    so a bad checkpoint stops `bon serve` before it binds a port."""
+def build_app(
+    settings: Settings,
+    policy: PolicyInfo,
+    reward_model: RewardModelInfo,
+    sampler: Sampler,
+    scorer: RewardScorer,
+) -> FastAPI:
+    """Wire the engines and the checkpoints into routes.
+
+    The caller reads (and so checks) the checkpoints and builds the engines, so a bad checkpoint or
+    a missing engine stops `bon serve` before anything loads. The engines load the weights during
+    start-up, which uvicorn runs before it binds the port.
+    """
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        try:
+            loaded_policy = Loaded(policy, await sampler.load(policy))
+            loaded_reward_model = Loaded(reward_model, await scorer.load(reward_model))
+        except BaseException:
+            await sampler.close()
+            await scorer.close()
+            raise
         sample_log = (
             None
             if settings.no_sample_log
             else SampleLog(settings.sample_log, settings.sample_log_flush_seconds)
         )
         service = BestOfN(
-            policy=policy,
-            reward_model=reward_model,
-            sampler=TransformersSampler(
-                policy,
-                settings.max_batch_tokens,
-                settings.max_queued_requests,
-                settings.batch_gather_ms / 1000,
-            ),
-            scorer=BatchedScorer(settings.max_batch_tokens, settings.max_queued_requests),
+            policy=loaded_policy,
+            reward_model=loaded_reward_model,
+            sampler=sampler,
+            scorer=scorer,
             sample_log=sample_log,
             max_best_of=settings.max_best_of,
             max_batch_tokens=settings.max_batch_tokens,
         )
         app.state.service = service
-        app.state.reloader = reloader = Reloader(service, settings.device, settings.dtype)
+        app.state.reloader = reloader = Reloader(service)
         watcher = (
             asyncio.create_task(reloader.watch(settings.watch, settings.watch_interval_seconds))
             if settings.watch
             else None
         )
-        for role, model in (("policy", policy), ("reward_model", reward_model)):
-            metrics.MODEL_INFO.labels(role=role, path=str(model.path), version=model.version).set(1)
+        for role, info in (("policy", policy), ("reward_model", reward_model)):
+            metrics.MODEL_INFO.labels(role=role, path=str(info.path), version=info.version).set(1)
         warm_up = asyncio.create_task(_warm_up(app, service))
         try:
             yield
@@ -375,7 +362,7 @@ def build_app(settings: Settings, policy: Policy, reward_model: RewardModel) -> 
     app.state.api_keys = [key.get_secret_value() for key in settings.api_key]
     app.state.admin_keys = [key.get_secret_value() for key in settings.admin_key]
     app.state.default_max_tokens = settings.default_max_tokens
-    app.state.model_names = [settings.model_name, str(policy.path)]
+    app.state.model_name = settings.model_name
     errors.install(app)
 
     @app.get("/health")
@@ -385,10 +372,19 @@ def build_app(settings: Settings, policy: Policy, reward_model: RewardModel) -> 
 
     @app.get("/ready")
     async def ready():
-        """Both models are loaded and one warm-up forward has run."""
+        """Both models are loaded, one warm-up forward has run, and both engines can serve."""
         if not app.state.ready:
-            return error_response(503, "warming up", code="not_ready")
-        return {"status": "ready", "policy": str(policy.path), "reward_model": str(reward_model.path)}
+            return failure_response(NotReady("warming up"))
+        service: BestOfN = app.state.service
+        try:
+            await service.check()
+        except EngineDead as dead:
+            return failure_response(dead)
+        return {
+            "status": "ready",
+            "policy": str(service.policy.path),
+            "reward_model": str(service.reward_model.path),
+        }
 
     @app.get("/metrics")
     async def prometheus_metrics() -> Response:

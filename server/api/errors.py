@@ -1,5 +1,6 @@
 """The OpenAI error envelope for every failure: {"error": {"message", "type", "param", "code"}}.
 
+Domain failures (`server.failures`) get their status and code from one table, `FAILURES`.
 FastAPI's default 422 `{"detail": [...]}` becomes a 400 naming the field; unexpected exceptions
 become a 500 whose body says nothing of the internals (the traceback goes to the server log).
 """
@@ -12,6 +13,8 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
+
+from server import failures
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +29,26 @@ _TYPES = {
 }
 
 
+# Seconds a client should wait before retrying a 429 or a 503 that can pass.
+RETRY_AFTER_SECONDS = 1
+
+# Domain failure -> (HTTP status, OpenAI error code, whether a retry can succeed). The most
+# specific class of a failure's MRO that is listed here decides.
+FAILURES: dict[type[failures.Failure], tuple[int, str, bool]] = {
+    failures.ContextTooLong: (400, "context_length_exceeded", False),
+    failures.InvalidInput: (400, "invalid_value", False),
+    failures.CheckpointError: (400, "bad_checkpoint", False),
+    failures.ReloadRefused: (400, "reload_refused", False),
+    failures.Overloaded: (429, "overloaded", True),
+    failures.NotReady: (503, "not_ready", True),
+    failures.EngineStopped: (503, "shutting_down", False),
+    failures.EngineDead: (503, "engine_dead", False),
+}
+
+
 class APIError(Exception):
+    """A failure of the HTTP layer itself (auth, unknown model or route, a client that left)."""
+
     def __init__(
         self,
         status: int,
@@ -56,6 +78,16 @@ async def _api_error(request: Request, error: APIError) -> JSONResponse:
     return error_response(error.status, error.message, error.param, error.code, error.headers)
 
 
+def failure_response(error: failures.Failure) -> JSONResponse:
+    status, code, retry = next(FAILURES[cls] for cls in type(error).__mro__ if cls in FAILURES)
+    headers = {"Retry-After": str(RETRY_AFTER_SECONDS)} if retry else None
+    return error_response(status, error.message, error.field, code, headers)
+
+
+async def _failure(request: Request, error: failures.Failure) -> JSONResponse:
+    return failure_response(error)
+
+
 async def _validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
     first = error.errors()[0]
     if first.get("type") == "json_invalid":  # its loc is a character offset, not a field
@@ -78,6 +110,7 @@ async def _internal_error(request: Request, error: Exception) -> JSONResponse:
 
 def install(app: FastAPI) -> None:
     app.add_exception_handler(APIError, _api_error)
+    app.add_exception_handler(failures.Failure, _failure)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(Exception, _internal_error)

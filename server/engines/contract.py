@@ -1,7 +1,14 @@
-"""The sampler interface: N candidates for one prompt, whatever engine draws them.
+"""The engine contract: what the service needs of whatever draws candidates and reads rewards.
 
-The transformers engine (`server.engines.hf`) implements it on CPU or GPU; a vLLM engine
-(`AsyncLLM` with `SamplingParams(n=N)`) implements the same protocol unchanged.
+An engine owns model weights; the service owns tokenizers, prompts, selection and the log.
+`load` turns a checkpoint (as the service read it: `PolicyInfo`, `RewardModelInfo`) into an opaque
+handle. Every request carries the handles it was admitted with, so it finishes on those weights
+whatever reloads land meanwhile; `release` is called once no request holds a handle any more.
+
+Samplers: the transformers engine (`server.engines.hf.sampler`) and vLLM (`server.engines.vllm`).
+Scorers: `server.engines.hf.scorer` and `server.engines.vllm`. The tests' fakes meet it too.
+Failures are `server.failures` classes: `Overloaded` when a queue is full, `EngineStopped` after
+`close`, `EngineDead` when the engine can serve nothing more, `CheckpointError` from `load`.
 """
 
 from __future__ import annotations
@@ -9,6 +16,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
+
+from server.policy import PolicyInfo
+from server.reward import RewardModelInfo
 
 FinishReason = Literal["stop", "length"]
 
@@ -41,20 +51,65 @@ class SampleRequest:
     prompt_ids: list[int]
     n: int
     params: SamplingParams
-    # Which loaded weights to sample with (engine-specific; None = the engine's current ones), so a
-    # request admitted before a reload finishes on the weights it started with.
-    weights: object | None = None
-    # Polled by the engine between steps: a client that went away has its rows dropped.
+    # The handle from `Sampler.load` this request samples with.
+    weights: object
+    # Polled by engines that decode step by step: a client that went away has its rows dropped.
+    # (Engines that await their work are cancelled instead.)
     cancelled: Callable[[], bool] = field(default=lambda: False)
+
+
+def sampling_cost(prompt_tokens: int, n: int, max_tokens: int) -> int:
+    """Token budget one prompt takes: its prefill once, and room for each of n rows to grow."""
+    return prompt_tokens + n * max_tokens
 
 
 class Sampler(Protocol):
     """What the server needs from a generation engine."""
 
+    async def load(self, policy: PolicyInfo) -> object:
+        """Load the policy's weights and run one token through them; return the handle.
+
+        Raises CheckpointError when the weights cannot be loaded or run."""
+        ...
+
     async def sample(self, request: SampleRequest) -> list[Candidate]:
-        """Return `request.n` candidates in sampling order. Raises `QueueFull` when overloaded."""
+        """Return `request.n` candidates in sampling order."""
+        ...
+
+    async def release(self, weights: object) -> None:
+        """No request holds `weights` any more and none will: free them."""
+        ...
+
+    async def check(self) -> None:
+        """Raise EngineDead if the engine can no longer serve."""
         ...
 
     async def close(self) -> None:
-        """Stop the engine; queued work is failed, not silently dropped."""
+        """Stop the engine; queued work fails with EngineStopped, not silently."""
+        ...
+
+
+class RewardScorer(Protocol):
+    """What the server needs from a reward-model engine: raw Bradley-Terry logits."""
+
+    async def load(self, reward_model: RewardModelInfo) -> object:
+        """Load the reward model's weights and score one input with them; return the handle.
+
+        Raises CheckpointError when the weights cannot be loaded or run."""
+        ...
+
+    async def score(self, inputs: list[list[int]], weights: object) -> list[float]:
+        """The reward of each input (RM token ids, already fitted to its context), in order."""
+        ...
+
+    async def release(self, weights: object) -> None:
+        """No request holds `weights` any more and none will: free them."""
+        ...
+
+    async def check(self) -> None:
+        """Raise EngineDead if the engine can no longer serve."""
+        ...
+
+    async def close(self) -> None:
+        """Stop the engine; queued work fails with EngineStopped, not silently."""
         ...

@@ -28,9 +28,8 @@ import torch
 
 from bon.tiny_models import build_model, train_tokenizer
 from server.engines.contract import SamplingParams
-from server.policy import load_policy
+from server.engines.hf.models import load_policy, load_reward_model
 from server.prompts import make_prompt, reward_input
-from server.reward import load_reward_model
 from trainers.data import PreferenceGroup, SFTExample
 from trainers.demo.tasks import (
     Item,
@@ -95,7 +94,7 @@ def rewards(rm_dir: Path, items: list[Item], samples: list[list[str]]) -> list[l
     rm = load_reward_model(rm_dir, "cpu", "auto")
     prompts = {i.prompt: make_prompt(rm.tokenizer, i.prompt) for i in items}  # text prompts: same text
     return [
-        rm.score([reward_input(rm, prompts[i.prompt], t).token_ids for t in texts])
+        rm.score([reward_input(rm.info, prompts[i.prompt], t).token_ids for t in texts])
         for i, texts in zip(items, samples, strict=True)
     ]
 

@@ -1,6 +1,6 @@
 """A token-budget batcher: concurrent requests share one model call, bounded by tokens not count.
 
-Jobs wait in a bounded queue (full -> `QueueFull`, which the API turns into 429 with Retry-After).
+Jobs wait in a bounded queue (full -> `Overloaded`, which the API turns into 429 with Retry-After).
 One worker takes queued jobs in arrival order until the next would overflow the token budget,
 skips jobs whose caller went away, and runs the batch on its own thread so the event loop keeps
 serving HTTP meanwhile.
@@ -17,17 +17,19 @@ from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 from server import metrics
+from server.failures import EngineStopped, Overloaded
 
 Job = TypeVar("Job")
 Result = TypeVar("Result")
 
 
-class QueueFull(Exception):
-    """The batcher's queue is at its bound; the caller should retry later."""
-
-
-class BatcherClosed(Exception):
-    """The batcher stopped before the job ran."""
+def group_by_identity(items: list, key) -> dict[int, list[int]]:
+    """Indices of `items` grouped by id(key(item)), in order: one model call per loaded checkpoint,
+    since requests admitted across a reload may share a batch window."""
+    groups: dict[int, list[int]] = {}
+    for index, item in enumerate(items):
+        groups.setdefault(id(key(item)), []).append(index)
+    return groups
 
 
 @dataclass
@@ -45,7 +47,7 @@ class TokenBudgetBatcher(Generic[Job, Result]):
     Args:
         run_batch: blocking function, called on the batcher's own thread.
         max_batch_tokens: budget per batch; one job larger than it still runs, alone.
-        max_queued: queued jobs beyond which `submit` raises `QueueFull`.
+        max_queued: queued jobs beyond which `submit` raises `Overloaded`.
         stage: name in metrics ("sampling" or "scoring").
         gather_seconds: how long an idle batcher waits after the first job for others to join.
     """
@@ -76,7 +78,9 @@ class TokenBudgetBatcher(Generic[Job, Result]):
         if self._worker is None:
             self._worker = asyncio.get_running_loop().create_task(self._work())
         if len(self._queue) >= self._max_queued:
-            raise QueueFull(f"{self._stage} queue is full ({self._max_queued} requests waiting)")
+            raise Overloaded(
+                f"server overloaded: the {self._stage} queue is full ({self._max_queued} waiting)"
+            )
         future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
         if hasattr(job, "cancelled"):
             # Jobs that can stop midway (sampling) poll this from the engine thread between steps.
@@ -135,5 +139,5 @@ class TokenBudgetBatcher(Generic[Job, Result]):
         while self._queue:
             pending = self._queue.popleft()
             if not pending.future.done():
-                pending.future.set_exception(BatcherClosed(f"{self._stage} engine stopped"))
+                pending.future.set_exception(EngineStopped(f"{self._stage} engine stopped"))
         self._executor.shutdown(wait=True)

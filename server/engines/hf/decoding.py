@@ -11,10 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from server.engines.contract import Candidate, FinishReason, SampleRequest
 from server.engines.hf.logits import choose_tokens, filter_logits, gumbel_noise
+from server.engines.hf.models import HFPolicy
 
 
 @dataclass
@@ -46,13 +46,9 @@ def _stop_cut(text: str, stops: tuple[str, ...]) -> str | None:
 
 
 @torch.inference_mode()
-def generate(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    requests: list[SampleRequest],
-    eos_ids: set[int],
-) -> list[list[Candidate]]:
+def generate(policy: HFPolicy, requests: list[SampleRequest]) -> list[list[Candidate]]:
     """Sample every request's `n` candidates in one batch; results in request and sampling order."""
+    model, tokenizer, eos_ids = policy.model, policy.tokenizer, policy.eos_ids
     device = model.device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     ids, mask, positions = _left_pad([r.prompt_ids for r in requests], pad_id, device)

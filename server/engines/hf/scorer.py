@@ -1,31 +1,41 @@
-"""Reward scoring batched across requests by token budget, like sampling."""
+"""The transformers engine behind the `RewardScorer` contract: batched across requests by tokens."""
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from itertools import accumulate, pairwise
 
-from server.engines.hf.batching import TokenBudgetBatcher
-from server.engines.hf.sampler import split_by
-from server.reward import RewardModel
+from server.engines.hf.batching import TokenBudgetBatcher, group_by_identity
+from server.engines.hf.models import HFRewardModel, load_reward_weights
+from server.reward import RewardModelInfo
 
 
 @dataclass
 class ScoreJob:
     inputs: list[list[int]]  # RM token ids
-    reward_model: RewardModel  # pinned at request start, so a reload never mixes models in a request
+    reward_model: HFRewardModel  # pinned at request start, so a reload never mixes models in a request
 
 
-class BatchedScorer:
-    def __init__(self, max_batch_tokens: int, max_queued: int):
+class TransformersScorer:
+    def __init__(self, device: str, dtype: str, max_batch_tokens: int, max_queued: int):
+        self.device, self.dtype = device, dtype
         self._batcher: TokenBudgetBatcher[ScoreJob, list[float]] = TokenBudgetBatcher(
             self._run, max_batch_tokens, max_queued, stage="scoring"
         )
 
+    def _load(self, info: RewardModelInfo) -> HFRewardModel:
+        reward_model = load_reward_weights(info, self.device, self.dtype)
+        reward_model.score([info.encode("Hello", None, " world")])
+        return reward_model
+
+    async def load(self, reward_model: RewardModelInfo) -> HFRewardModel:
+        return await asyncio.to_thread(self._load, reward_model)
+
     def _run(self, jobs: list[ScoreJob]) -> list[list[float]]:
         """Score every job's inputs in one forward per reward model and split the rewards per job."""
         results: list[list[float]] = [[] for _ in jobs]
-        for indices in split_by(jobs, lambda j: j.reward_model).values():
+        for indices in group_by_identity(jobs, lambda j: j.reward_model).values():
             group = [jobs[i] for i in indices]
             rewards = group[0].reward_model.score([ids for job in group for ids in job.inputs])
             bounds = [0, *accumulate(len(job.inputs) for job in group)]
@@ -33,10 +43,15 @@ class BatchedScorer:
                 results[i] = rewards[start:end]
         return results
 
-    async def score(self, inputs: list[list[int]], reward_model: RewardModel) -> list[float]:
-        """Rewards of `inputs` (RM token ids), in order."""
-        job = ScoreJob(inputs, reward_model)
+    async def score(self, inputs: list[list[int]], weights: object) -> list[float]:
+        job = ScoreJob(inputs, weights)
         return await self._batcher.submit(job, sum(len(ids) for ids in inputs), sequences=len(inputs))
+
+    async def release(self, weights: object) -> None:
+        """Nothing to do: the batcher holds no reference once the last request is answered."""
+
+    async def check(self) -> None:
+        """Scoring runs in this process; a failing batch fails its requests, not the engine."""
 
     async def close(self) -> None:
         await self._batcher.close()

@@ -1,0 +1,134 @@
+"""Policy and reward-model weights as transformers modules: loading, and the reward read-out.
+
+The trainers use these too (they may import the server's inference core), so a model is trained
+with exactly the read-out it is served with.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, PreTrainedModel
+
+from server.checkpoints import loading, torch_dtype
+from server.failures import CheckpointError
+from server.policy import PolicyInfo, read_policy
+from server.reward import RewardModelInfo, read_reward_model
+
+log = logging.getLogger(__name__)
+
+
+def pad_right(inputs: list[list[int]], pad_id: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-id lists as (B, T) input_ids and attention mask, right-padded."""
+    width = max(len(ids) for ids in inputs)
+    input_ids = torch.full((len(inputs), width), pad_id or 0, dtype=torch.long)  # pads are masked out
+    mask = torch.zeros((len(inputs), width), dtype=torch.long)
+    for i, ids in enumerate(inputs):
+        input_ids[i, : len(ids)] = torch.tensor(ids)
+        mask[i, : len(ids)] = 1
+    return input_ids, mask
+
+
+def score_head(model: PreTrainedModel) -> torch.nn.Module | None:
+    for name in ("score", "classifier"):
+        head = getattr(model, name, None)
+        if isinstance(head, torch.nn.Module):
+            return head
+    return None
+
+
+class LastTokenReward(torch.nn.Module):
+    """A sequence-classification model read at the last real token, whatever the padding side.
+
+    A module of its own (not a function reaching into the model) so that a distributed wrapper
+    (DDP/FSDP via accelerate) wraps the whole computation and gradients synchronise.
+    """
+
+    def __init__(self, model: PreTrainedModel):
+        super().__init__()
+        head = score_head(model)
+        if head is None:
+            raise CheckpointError(f"{type(model).__name__} has no score/classifier head")
+        self.model, self.head = model, head
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Args: input_ids (B, T); attention_mask (B, T), 1 on real tokens. Returns (B,) float32."""
+        positions = (attention_mask.cumsum(-1) - 1).clamp_min(0)
+        hidden = self.model.base_model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=positions
+        ).last_hidden_state  # (B, T, H)
+        # The last real token is the rightmost 1 in the mask; the pad id plays no part, so a pad
+        # token that also occurs in the text (pad == eos) cannot move the read-out.
+        index = torch.arange(attention_mask.shape[-1], device=attention_mask.device)
+        last = (attention_mask * index).argmax(-1)  # (B,)
+        picked = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # (B, H)
+        return self.head(picked).squeeze(-1).float()  # (B,)
+
+
+@dataclass
+class HFPolicy:
+    """A policy's weights in transformers, with what decoding needs to know of it."""
+
+    info: PolicyInfo
+    model: PreTrainedModel
+
+    @property
+    def tokenizer(self):
+        return self.info.tokenizer
+
+    @property
+    def eos_ids(self) -> frozenset[int]:
+        return self.info.eos_ids
+
+
+@dataclass
+class HFRewardModel:
+    """A reward model's weights in transformers, read at the last real token."""
+
+    info: RewardModelInfo
+    model: PreTrainedModel
+
+    def __post_init__(self):
+        self.read_out = LastTokenReward(self.model)
+
+    @property
+    def tokenizer(self):
+        return self.info.tokenizer
+
+    @torch.inference_mode()
+    def score(self, inputs: list[list[int]]) -> list[float]:
+        """Raw logits for a batch of token-id lists."""
+        if not inputs:
+            return []
+        input_ids, mask = pad_right(inputs, self.info.tokenizer.pad_token_id)
+        return self.read_out(input_ids.to(self.model.device), mask.to(self.model.device)).tolist()
+
+
+def load_policy_weights(info: PolicyInfo, device: str, dtype: str) -> HFPolicy:
+    with loading("policy", info.path):
+        model = AutoModelForCausalLM.from_pretrained(info.path, dtype=torch_dtype(dtype))
+    return HFPolicy(info, model.to(device).eval())
+
+
+def load_reward_weights(info: RewardModelInfo, device: str, dtype: str) -> HFRewardModel:
+    with loading("reward model", info.path):
+        model = AutoModelForSequenceClassification.from_pretrained(info.path, dtype=torch_dtype(dtype))
+    if model.config.pad_token_id is None and info.tokenizer.pad_token_id is not None:
+        # Without it HF's own pooling reads the score at the wrong token (accuracy ~0.5 is the
+        # symptom); our read-out does not use it, but saved and exported copies must be right.
+        log.warning("reward model config has no pad_token_id; setting it to %s", info.tokenizer.pad_token_id)
+        model.config.pad_token_id = info.tokenizer.pad_token_id
+    return HFRewardModel(info, model.to(device).eval())
+
+
+def load_policy(path: str | Path, device: str, dtype: str) -> HFPolicy:
+    """Read and load a policy checkpoint in one step (what the trainers use)."""
+    return load_policy_weights(read_policy(path), device, dtype)
+
+
+def load_reward_model(path: str | Path, device: str, dtype: str) -> HFRewardModel:
+    """Read, check and load a reward model in one step (what the trainers use)."""
+    return load_reward_weights(read_reward_model(path), device, dtype)
