@@ -1,0 +1,160 @@
+"""BestOfN on the fake engines: selection, logging, pinning across reloads, the greedy rule, failures."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+from pathlib import Path
+
+import pytest
+from fakes import FakeSampler, FakeScorer
+
+from bon.tiny_models import tokenizer_a, tokenizer_b
+from server import failures
+from server.api.errors import FAILURES, failure_response
+from server.engines.contract import SamplingParams
+from server.log.sample_log import SampleLog, read_records
+from server.policy import PolicyInfo
+from server.reward import RewardModelInfo
+from server.service import BestOfN, Loaded
+
+
+@pytest.fixture(scope="module")
+def tokenizers():
+    return tokenizer_a(), tokenizer_b()
+
+
+def policy_info(tokenizers, name="policy-v1") -> PolicyInfo:
+    return PolicyInfo(Path(name), name, tokenizers[0], 64, frozenset(), "float32")
+
+
+def rm_info(tokenizers, name="rm-v1") -> RewardModelInfo:
+    return RewardModelInfo(Path(name), name, tokenizers[1], 64, "float32")
+
+
+async def make_service(tokenizers, sampler, scorer, sample_log=None) -> BestOfN:
+    policy, rm = policy_info(tokenizers), rm_info(tokenizers)
+    return BestOfN(
+        Loaded(policy, await sampler.load(policy)),
+        Loaded(rm, await scorer.load(rm)),
+        sampler,
+        scorer,
+        sample_log,
+        max_best_of=8,
+        max_batch_tokens=4096,
+    )
+
+
+def test_returns_the_top_n_by_reward_and_logs_every_candidate(tokenizers, tmp_path):
+    sampler, scorer = FakeSampler(), FakeScorer()
+    sample_log = SampleLog(tmp_path / "log.db", 0.1)
+
+    async def scenario():
+        service = await make_service(tokenizers, sampler, scorer, sample_log)
+        prompt = service.text_prompt("the cat")
+        return await service.run("req-1", [prompt], SamplingParams(max_tokens=4), n=2, best_of=6, log=True)
+
+    [result] = asyncio.run(scenario())
+    sample_log.close()
+    rm_tok = tokenizers[1]
+    texts = [" w" * (i + 1) for i in range(6)]
+    expected = [FakeScorer.reward(rm_tok("the cat" + t).input_ids) for t in texts]  # the RM's own input rule
+    assert [s.reward for s in result.candidates] == expected
+    best_two = sorted(range(6), key=lambda i: (-expected[i], i))[:2]
+    assert result.chosen == best_two
+    rows = read_records(tmp_path / "log.db")
+    assert [r["completion"] for r in rows] == texts
+    assert [r["rank"] for r in rows] == [
+        sorted(range(6), key=lambda i: (-expected[i], i)).index(i) for i in range(6)
+    ]
+    assert {r["policy_version"] for r in rows} == {"policy-v1"}
+
+
+def test_greedy_decodes_one_row_and_repeats_it_for_best_of(tokenizers):
+    sampler, scorer = FakeSampler(), FakeScorer()
+
+    async def scenario():
+        service = await make_service(tokenizers, sampler, scorer)
+        params = SamplingParams(max_tokens=4, temperature=0)
+        return await service.run("r", [service.text_prompt("x")], params, n=1, best_of=5, log=False)
+
+    [result] = asyncio.run(scenario())
+    assert [r.n for r in sampler.requests] == [1]
+    assert len(result.candidates) == 5 and len({s.candidate.text for s in result.candidates}) == 1
+    # Copies, not one shared object: nothing downstream can alias them.
+    assert len({id(s.candidate) for s in result.candidates}) == 5
+
+
+def test_a_pinned_request_keeps_its_checkpoints_and_the_old_ones_are_released_after_it(tokenizers):
+    sampler, scorer = FakeSampler(), FakeScorer()
+
+    async def scenario():
+        service = await make_service(tokenizers, sampler, scorer)
+        old_policy, old_rm = service.loaded_policy.weights, service.loaded_reward_model.weights
+        async with service.pinned() as view:
+            new_policy = policy_info(tokenizers, "policy-v2")
+            new_rm = rm_info(tokenizers, "rm-v2")
+            await service.swap(
+                Loaded(new_policy, await sampler.load(new_policy)), Loaded(new_rm, await scorer.load(new_rm))
+            )
+            assert sampler.released == [] and scorer.released == []  # the view still holds them
+            await view.run("r", [view.text_prompt("x")], SamplingParams(max_tokens=2), 1, 2, log=False)
+            assert sampler.requests[-1].weights is old_policy and scorer.calls[-1][1] is old_rm
+            assert view.fingerprint == "bon-policy-v1-rm-v1"
+        assert sampler.released == [old_policy] and scorer.released == [old_rm]
+        await service.run("r", [service.text_prompt("x")], SamplingParams(max_tokens=2), 1, 2, log=False)
+        assert sampler.requests[-1].weights.path == Path("policy-v2")
+        assert service.fingerprint == "bon-policy-v2-rm-v2"
+
+    asyncio.run(scenario())
+
+
+def test_an_unheld_checkpoint_is_released_at_the_swap(tokenizers):
+    sampler, scorer = FakeSampler(), FakeScorer()
+
+    async def scenario():
+        service = await make_service(tokenizers, sampler, scorer)
+        old = service.loaded_policy.weights
+        new = policy_info(tokenizers, "policy-v2")
+        await service.swap(Loaded(new, await sampler.load(new)))
+        assert sampler.released == [old] and scorer.released == []
+
+    asyncio.run(scenario())
+
+
+def test_engine_failures_reach_the_caller_as_they_were_raised(tokenizers):
+    sampler = FakeSampler(fail_with=failures.Overloaded("queue full"))
+
+    async def scenario():
+        service = await make_service(tokenizers, sampler, FakeScorer())
+        await service.run("r", [service.text_prompt("x")], SamplingParams(max_tokens=2), 1, 2, log=False)
+
+    with pytest.raises(failures.Overloaded):
+        asyncio.run(scenario())
+
+
+def test_best_of_and_context_limits_are_invalid_input_naming_the_field(tokenizers):
+    async def scenario():
+        service = await make_service(tokenizers, FakeSampler(), FakeScorer())
+        prompt = service.text_prompt("the cat")
+        with pytest.raises(failures.InvalidInput) as over:
+            service.check_best_of(9, SamplingParams(max_tokens=2), [prompt])
+        assert over.value.field == "best_of"
+        with pytest.raises(failures.ContextTooLong) as long:
+            service.resolve_max_tokens([prompt], 100, 16)
+        assert long.value.field == "max_tokens" and "maximum context length is 64" in long.value.message
+
+    asyncio.run(scenario())
+
+
+def test_every_failure_has_a_status_and_retryable_ones_say_when():
+    classes = [c for _, c in inspect.getmembers(failures, inspect.isclass) if issubclass(c, failures.Failure)]
+    unmapped = [c for c in classes if c is not failures.Failure and c not in FAILURES]
+    assert unmapped == []
+    overloaded = failure_response(failures.Overloaded("full"))
+    assert overloaded.status_code == 429 and overloaded.headers["retry-after"] == "1"
+    dead = failure_response(failures.EngineDead("gone"))
+    assert dead.status_code == 503 and "retry-after" not in dead.headers
+    # The most specific class decides: ContextTooLong is an InvalidInput with its own code.
+    body = failure_response(failures.ContextTooLong("too long", "prompt")).body
+    assert b"context_length_exceeded" in body and b'"param":"prompt"' in body
