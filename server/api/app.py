@@ -314,13 +314,14 @@ def build_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        try:
-            loaded_policy = Loaded(policy, await sampler.load(policy))
-            loaded_reward_model = Loaded(reward_model, await scorer.load(reward_model))
-        except BaseException:
+        # Both at once: an engine start is mostly waiting (processes, imports, warm-up).
+        loads = await asyncio.gather(sampler.load(policy), scorer.load(reward_model), return_exceptions=True)
+        failed = [error for error in loads if isinstance(error, BaseException)]
+        if failed:
             await sampler.close()
             await scorer.close()
-            raise
+            raise failed[0]
+        loaded_policy, loaded_reward_model = Loaded(policy, loads[0]), Loaded(reward_model, loads[1])
         sample_log = (
             None
             if settings.no_sample_log

