@@ -1,12 +1,15 @@
 """Load benchmark: bon serve under concurrent best-of-N clients vs a naive per-request baseline.
 
-Both sides use the same models, prompts, best_of and max_tokens, in one run on one machine:
-- bon: the real server (uvicorn, HTTP), `--clients` concurrent clients sending `--requests` in all;
+Every side uses the same models, prompts, best_of and max_tokens, in one run on one machine:
+- bon: the real server (uvicorn, HTTP) on the transformers engine, `--clients` concurrent clients
+  sending `--requests` in all;
+- bon (vllm), with `--engine vllm`: the same server with sampling and scoring on vLLM (run it in
+  the vLLM venv: `make bench-vllm`);
 - baseline: what TRL's deleted BestOfNSampler did, one request at a time in-process:
   `generate(num_return_sequences=N)` on the duplicated prompt, then the RM on each candidate.
-Prints requests/s and p50/p99 latency for both and their ratios; writes JSON.
+Prints requests/s and p50/p99 latency for each and the ratios to the baseline; writes JSON.
 
-    python benchmarks/load_bench.py --policy DIR --reward-model DIR [--clients 16 --best-of 8]
+    python benchmarks/load_bench.py --policy DIR --reward-model DIR [--clients 16 --best-of 8] [--engine vllm]
 """
 
 from __future__ import annotations
@@ -101,7 +104,7 @@ async def drive(
     return latencies, wall
 
 
-def run_server(args, total: int) -> dict:
+def run_server(args, total: int, engine: str) -> dict:
     port = free_port()
     with tempfile.TemporaryDirectory() as tmp:
         command = [
@@ -125,11 +128,15 @@ def run_server(args, total: int) -> dict:
             "warning",
             "--torch-threads",
             str(args.threads),
+            "--engine",
+            engine,
+            "--reward-engine",
+            engine,
         ]
         server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         url = f"http://127.0.0.1:{port}"
         try:
-            deadline = time.monotonic() + 180
+            deadline = time.monotonic() + 600
             while True:
                 if server.poll() is not None:
                     raise RuntimeError(server.stderr.read().decode())
@@ -199,25 +206,29 @@ def main() -> None:
         default=torch.get_num_threads(),
         help="torch intra-op threads, the same for the server and the baseline",
     )
+    parser.add_argument(
+        "--engine",
+        choices=["vllm"],
+        help="also serve with sampling and scoring on vLLM, beside the transformers engine",
+    )
     parser.add_argument("--output", type=Path, default=Path("bench-results/load.json"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    bon = run_server(args, args.requests)
-    baseline = run_baseline(args, args.requests)
-    result = {
-        "config": {k: str(v) for k, v in vars(args).items()} | {"cpus": os.cpu_count()},
-        "bon": bon,
-        "baseline": baseline,
-        "throughput_ratio": bon["requests_per_s"] / baseline["requests_per_s"],
-        "p50_ratio": bon["p50_s"] / baseline["p50_s"],
-        "p99_ratio": bon["p99_s"] / baseline["p99_s"],
-    }
-    print(f"{'':10}{'req/s':>10}{'p50 s':>10}{'p99 s':>10}")
-    for name in ("bon", "baseline"):
-        r = result[name]
-        print(f"{name:10}{r['requests_per_s']:>10.2f}{r['p50_s']:>10.3f}{r['p99_s']:>10.3f}")
-    print(f"throughput ratio (bon / baseline): {result['throughput_ratio']:.2f}x")
+    sides = {"bon": run_server(args, args.requests, "transformers")}
+    if args.engine == "vllm":
+        sides["bon_vllm"] = run_server(args, args.requests, "vllm")
+    sides["baseline"] = run_baseline(args, args.requests)
+    baseline = sides["baseline"]
+    result = {"config": {k: str(v) for k, v in vars(args).items()} | {"cpus": os.cpu_count()}, **sides}
+    for name in sides.keys() - {"baseline"}:
+        result[f"{name}_throughput_ratio"] = sides[name]["requests_per_s"] / baseline["requests_per_s"]
+        result[f"{name}_p50_ratio"] = sides[name]["p50_s"] / baseline["p50_s"]
+        result[f"{name}_p99_ratio"] = sides[name]["p99_s"] / baseline["p99_s"]
+    print(f"{'':10}{'req/s':>10}{'p50 s':>10}{'p99 s':>10}{'x baseline':>12}")
+    for name, r in sides.items():
+        ratio = r["requests_per_s"] / baseline["requests_per_s"]
+        print(f"{name:10}{r['requests_per_s']:>10.2f}{r['p50_s']:>10.3f}{r['p99_s']:>10.3f}{ratio:>11.2f}x")
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(result, indent=2))
     print(f"wrote {args.output}")
