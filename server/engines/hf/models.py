@@ -7,6 +7,7 @@ with exactly the read-out it is served with.
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +20,10 @@ from server.policy import PolicyInfo, read_policy
 from server.reward import RewardModelInfo, read_reward_model
 
 log = logging.getLogger(__name__)
+
+# from_pretrained switches module-global initialisation flags: two loads on two threads at once
+# (the policy and the reward model at start-up) left a tied lm_head on the meta device.
+_FROM_PRETRAINED = threading.Lock()
 
 
 def pad_right(inputs: list[list[int]], pad_id: int | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -108,13 +113,13 @@ class HFRewardModel:
 
 
 def load_policy_weights(info: PolicyInfo, device: str, dtype: str) -> HFPolicy:
-    with loading("policy", info.path):
+    with loading("policy", info.path), _FROM_PRETRAINED:
         model = AutoModelForCausalLM.from_pretrained(info.path, dtype=torch_dtype(dtype))
     return HFPolicy(info, model.to(device).eval())
 
 
 def load_reward_weights(info: RewardModelInfo, device: str, dtype: str) -> HFRewardModel:
-    with loading("reward model", info.path):
+    with loading("reward model", info.path), _FROM_PRETRAINED:
         model = AutoModelForSequenceClassification.from_pretrained(info.path, dtype=torch_dtype(dtype))
     if model.config.pad_token_id is None and info.tokenizer.pad_token_id is not None:
         # Without it HF's own pooling reads the score at the wrong token (accuracy ~0.5 is the
