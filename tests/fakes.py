@@ -16,16 +16,32 @@ class Handle:
         self.path = path
 
 
-class FakeSampler:
+class FakeEngine:
+    """Loads by name, records what it releases, never dies."""
+
+    def __init__(self):
+        self.released: list[Handle] = []
+
+    async def load(self, info) -> Handle:
+        return Handle(info.path)
+
+    async def release(self, weights) -> None:
+        self.released.append(weights)
+
+    async def check(self) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
+
+
+class FakeSampler(FakeEngine):
     """Candidate i of a request is " w" repeated i + 1 times, so later candidates are longer."""
 
     def __init__(self, fail_with: Exception | None = None):
+        super().__init__()
         self.fail_with = fail_with
         self.requests: list[SampleRequest] = []
-        self.released: list[Handle] = []
-
-    async def load(self, policy) -> Handle:
-        return Handle(policy.path)
 
     async def sample(self, request: SampleRequest) -> list[Candidate]:
         if self.fail_with is not None:
@@ -33,39 +49,18 @@ class FakeSampler:
         self.requests.append(request)
         return [Candidate(" w" * (i + 1), [7] * (i + 1), "length") for i in range(request.n)]
 
-    async def release(self, weights) -> None:
-        self.released.append(weights)
 
-    async def check(self) -> None:
-        pass
-
-    async def close(self) -> None:
-        pass
-
-
-class FakeScorer:
+class FakeScorer(FakeEngine):
     """The reward of an input is a function of its token ids that the tests can recompute."""
 
     def __init__(self):
+        super().__init__()
         self.calls: list[tuple[list[list[int]], Handle]] = []
-        self.released: list[Handle] = []
 
     @staticmethod
     def reward(ids: list[int]) -> float:
         return float(len(ids) % 5) - 0.1 * len(ids)
 
-    async def load(self, reward_model) -> Handle:
-        return Handle(reward_model.path)
-
     async def score(self, inputs: list[list[int]], weights) -> list[float]:
         self.calls.append((inputs, weights))
         return [self.reward(ids) for ids in inputs]
-
-    async def release(self, weights) -> None:
-        self.released.append(weights)
-
-    async def check(self) -> None:
-        pass
-
-    async def close(self) -> None:
-        pass

@@ -28,6 +28,8 @@ import logging
 import subprocess
 import sys
 import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -131,16 +133,23 @@ def _tell_reaper(sign: str, engine: AsyncLLM) -> None:
 
 
 class _Engines:
-    """The live AsyncLLM engines of one role, their admission bound and their death."""
+    """The live AsyncLLM engines of one role: starting and stopping them, the admission bound,
+    and what a request on them turns into when its client leaves or the engine dies.
 
-    def __init__(self, role: str, options: VLLMOptions):
-        self.role, self.options = role, options
+    Sampler and scorer derive from it; `release`, `check` and `close` are the same for both.
+    """
+
+    role: str  # "sampling" or "scoring": names metrics' stage and log lines
+
+    def __init__(self, options: VLLMOptions):
+        self.options = options
         self.live: set[AsyncLLM] = set()
         self.in_flight = 0
         self.closed = False
         self._reported: set[int] = set()  # engines whose death is already in the log
 
-    async def start(self, path: Path, checkpoint_dtype: str, max_model_len: int) -> AsyncLLM:
+    async def _start(self, path: Path, checkpoint_dtype: str, max_model_len: int, smoke_test) -> AsyncLLM:
+        """A new engine on `path`, which has run `smoke_test(engine)`; CheckpointError if not."""
         args = engine_args(path, checkpoint_dtype, max_model_len, self.role == "scoring", self.options)
         try:
             # Starting an engine blocks for seconds (processes, weights, warm-up): off the event loop.
@@ -149,21 +158,32 @@ class _Engines:
             raise CheckpointError(f"vLLM could not load {path}: {type(error).__name__}: {error}") from error
         _tell_reaper("+", engine)
         self.live.add(engine)
+        try:
+            await smoke_test(engine)
+        except Exception as error:
+            await self.release(engine)
+            raise CheckpointError(f"vLLM could not run {path}: {error}") from error
         return engine
 
-    async def stop(self, engine: AsyncLLM) -> None:
-        self.live.discard(engine)
-        await asyncio.to_thread(engine.shutdown)
-        _tell_reaper("-", engine)
-
-    def admit(self) -> None:
+    @asynccontextmanager
+    async def _job(self, engine: AsyncLLM) -> AsyncIterator[None]:
+        """Admission (Overloaded past the bound), and the failures of one request on `engine`."""
         if self.closed:
             raise EngineStopped(f"{self.role} engine stopped")
         if self.in_flight >= self.options.max_queued:
             raise Overloaded(f"server overloaded: {self.in_flight} {self.role} jobs in flight in vLLM")
         self.in_flight += 1
+        try:
+            yield
+        except asyncio.CancelledError:
+            metrics.DROPPED.labels(stage=self.role).inc()  # the client went away; vLLM aborted it
+            raise
+        except EngineDeadError as error:
+            raise self._dead(engine, error) from None
+        finally:
+            self.in_flight -= 1
 
-    def dead(self, engine: AsyncLLM, error: BaseException) -> EngineStopped | EngineDead:
+    def _dead(self, engine: AsyncLLM, error: BaseException) -> EngineStopped | EngineDead:
         if self.closed:
             return EngineStopped(f"{self.role} engine stopped")
         if id(engine) not in self._reported:
@@ -173,14 +193,19 @@ class _Engines:
             f"the vLLM {self.role} engine died ({error}); the server log has the cause; restart bon serve"
         )
 
+    async def release(self, weights: object) -> None:
+        self.live.discard(weights)
+        await asyncio.to_thread(weights.shutdown)
+        _tell_reaper("-", weights)
+
     async def check(self) -> None:
         for engine in self.live:
             if engine.errored:
-                raise self.dead(engine, engine.dead_error)
+                raise self._dead(engine, engine.dead_error)
 
     async def close(self) -> None:
         self.closed = True
-        await asyncio.gather(*(self.stop(engine) for engine in list(self.live)))
+        await asyncio.gather(*(self.release(engine) for engine in list(self.live)))
 
 
 def _vllm_params(n: int, params: SamplingParams) -> VLLMSamplingParams:
@@ -196,23 +221,22 @@ def _vllm_params(n: int, params: SamplingParams) -> VLLMSamplingParams:
     )
 
 
-class VLLMSampler:
+class VLLMSampler(_Engines):
     """Handles are `AsyncLLM` engines running the policy."""
 
-    def __init__(self, options: VLLMOptions):
-        self._engines = _Engines("sampling", options)
+    role = "sampling"
 
     async def load(self, policy: PolicyInfo) -> AsyncLLM:
-        engine = await self._engines.start(policy.path, policy.dtype, policy.context_length)
-        try:
-            ids = policy.tokenizer("Hello").input_ids or [policy.tokenizer.bos_token_id or 0]
-            await self._generate(engine, ids, 1, SamplingParams(max_tokens=1))
-        except Exception as error:
-            await self._engines.stop(engine)
-            raise CheckpointError(f"vLLM could not run {policy.path}: {error}") from error
-        return engine
+        ids = policy.tokenizer("Hello").input_ids or [policy.tokenizer.bos_token_id or 0]
+        return await self._start(
+            policy.path,
+            policy.dtype,
+            policy.context_length,
+            lambda engine: self._generate(engine, ids, 1, SamplingParams(max_tokens=1)),
+        )
 
-    async def _generate(self, engine: AsyncLLM, prompt_ids: list[int], n: int, params: SamplingParams):
+    @staticmethod
+    async def _generate(engine: AsyncLLM, prompt_ids: list[int], n: int, params: SamplingParams):
         final = None
         async for output in engine.generate(
             tokens_input(prompt_ids), _vllm_params(n, params), request_id=uuid.uuid4().hex
@@ -221,17 +245,8 @@ class VLLMSampler:
         return sorted(final.outputs, key=lambda c: c.index)
 
     async def sample(self, request: SampleRequest) -> list[Candidate]:
-        engine: AsyncLLM = request.weights
-        self._engines.admit()
-        try:
-            outputs = await self._generate(engine, request.prompt_ids, request.n, request.params)
-        except asyncio.CancelledError:
-            metrics.DROPPED.labels(stage="sampling").inc()  # the client went away; vLLM aborted it
-            raise
-        except EngineDeadError as error:
-            raise self._engines.dead(engine, error) from None
-        finally:
-            self._engines.in_flight -= 1
+        async with self._job(request.weights):
+            outputs = await self._generate(request.weights, request.prompt_ids, request.n, request.params)
         return [
             # vLLM's token_ids hold every generated token, eos included, and its text leaves eos
             # and the stop string out: the transformers engine's rule.
@@ -239,30 +254,20 @@ class VLLMSampler:
             for c in outputs
         ]
 
-    async def release(self, weights: object) -> None:
-        await self._engines.stop(weights)
 
-    async def check(self) -> None:
-        await self._engines.check()
-
-    async def close(self) -> None:
-        await self._engines.close()
-
-
-class VLLMScorer:
+class VLLMScorer(_Engines):
     """Handles are `AsyncLLM` engines running the reward model on the pooling runner."""
 
-    def __init__(self, options: VLLMOptions):
-        self._engines = _Engines("scoring", options)
+    role = "scoring"
 
     async def load(self, reward_model: RewardModelInfo) -> AsyncLLM:
-        engine = await self._engines.start(reward_model.path, reward_model.dtype, reward_model.max_length)
-        try:
-            await self._score_one(engine, reward_model.encode("Hello", None, " world"))
-        except Exception as error:
-            await self._engines.stop(engine)
-            raise CheckpointError(f"vLLM could not run {reward_model.path}: {error}") from error
-        return engine
+        ids = reward_model.encode("Hello", None, " world")
+        return await self._start(
+            reward_model.path,
+            reward_model.dtype,
+            reward_model.max_length,
+            lambda engine: self._score_one(engine, ids),
+        )
 
     @staticmethod
     async def _score_one(engine: AsyncLLM, ids: list[int]) -> float:
@@ -273,24 +278,6 @@ class VLLMScorer:
         return float(final.outputs.data[0])  # one label: the raw logit
 
     async def score(self, inputs: list[list[int]], weights: object) -> list[float]:
-        engine: AsyncLLM = weights
-        self._engines.admit()
-        try:
+        async with self._job(weights):
             # One vLLM request per input: vLLM batches them, and shares the prompt's blocks.
-            return list(await asyncio.gather(*(self._score_one(engine, ids) for ids in inputs)))
-        except asyncio.CancelledError:
-            metrics.DROPPED.labels(stage="scoring").inc()
-            raise
-        except EngineDeadError as error:
-            raise self._engines.dead(engine, error) from None
-        finally:
-            self._engines.in_flight -= 1
-
-    async def release(self, weights: object) -> None:
-        await self._engines.stop(weights)
-
-    async def check(self) -> None:
-        await self._engines.check()
-
-    async def close(self) -> None:
-        await self._engines.close()
+            return list(await asyncio.gather(*(self._score_one(weights, ids) for ids in inputs)))
