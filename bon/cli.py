@@ -64,9 +64,27 @@ def _serve(args: argparse.Namespace) -> int:
     except (CheckpointError, EngineUnavailable) as error:
         print(f"bon serve: {error}", file=sys.stderr)
         return 2
+    if not settings.loopback and not settings.api_key:
+        logging.getLogger(__name__).warning(
+            "SERVING WITHOUT AN API KEY ON %s: anyone who can reach this port can use the models; "
+            "set --api-key (or BON_API_KEY)",
+            settings.host,
+        )
     app = build_app(settings, policy, reward_model, sampler, scorer)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level)
-    return 0
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level)
+    server = uvicorn.Server(config)  # its Config has set up uvicorn's loggers by now
+    logging.getLogger("uvicorn.access").addFilter(_drop_query_strings)
+    server.run()
+    return 0 if server.started else 3
+
+
+def _drop_query_strings(record: logging.LogRecord) -> bool:
+    """Access-log lines without query strings: a client may put a key there (?api_key=...)."""
+    if isinstance(record.args, tuple) and len(record.args) >= 3 and "?" in str(record.args[2]):
+        args = list(record.args)
+        args[2] = str(args[2]).split("?", 1)[0] + "?<query hidden>"
+        record.args = tuple(args)
+    return True
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -74,7 +92,7 @@ def _export(args: argparse.Namespace) -> int:
 
     try:
         count = export_samples(args.sample_log, args.output, args.format)
-    except FileNotFoundError as error:
+    except (FileNotFoundError, ValueError) as error:
         print(f"bon export-samples: {error}", file=sys.stderr)
         return 2
     print(f"wrote {count} candidates to {args.output}")
@@ -108,7 +126,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     export = commands.add_parser("export-samples", help="write the candidate log as JSONL or Parquet")
     export.add_argument("--sample-log", type=Path, required=True, help="the SQLite file bon serve wrote")
-    export.add_argument("--format", choices=["jsonl", "parquet"], default="jsonl")
+    export.add_argument(
+        "--format",
+        choices=["jsonl", "parquet"],
+        help="default: from the output's extension (.jsonl, .parquet)",
+    )
     export.add_argument("-o", "--output", type=Path, required=True)
     export.set_defaults(func=_export)
 

@@ -56,6 +56,14 @@ def context_length(config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase)
     return min(known)
 
 
+def max_text_chars(tokenizer: PreTrainedTokenizerBase, max_tokens: int) -> int:
+    """Characters beyond which a text cannot fit in `max_tokens` tokens, so it can be refused
+    without tokenizing it: no token covers more characters than its vocabulary entry has (byte-level
+    entries have one character per byte)."""
+    longest = max(len(entry) for entry in tokenizer.get_vocab())
+    return max_tokens * longest
+
+
 def checkpoint_dir(path: str | Path, role: str, flag: str) -> Path:
     """Resolve a local HF directory, naming the flag when it is not one (no hub is consulted)."""
     resolved = Path(path).expanduser().resolve()

@@ -17,9 +17,11 @@ from server.checkpoints import (
     checkpoint_dtype,
     context_length,
     loading,
+    max_text_chars,
     model_version,
     weight_names,
 )
+from server.failures import CheckpointError
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +34,7 @@ class PolicyInfo:
     context_length: int
     eos_ids: frozenset[int]  # every token that ends a candidate
     dtype: str  # the checkpoint's own dtype: what --dtype auto keeps
+    max_prompt_chars: int  # a longer prompt cannot fit the context: refused before tokenizing
 
 
 def _eos_ids(directory: Path, config, tokenizer: PreTrainedTokenizerBase) -> frozenset[int]:
@@ -56,15 +59,23 @@ def read_policy(path: str | Path) -> PolicyInfo:
         tokenizer = AutoTokenizer.from_pretrained(directory)
         weight_names(directory)  # a missing or unreadable weights file is refused now, not at load
         eos_ids = _eos_ids(directory, config, tokenizer)
+    heads = [a for a in config.architectures or [] if a.endswith("ForSequenceClassification")]
+    if heads:
+        raise CheckpointError(
+            f"policy {directory} is a {heads[0]} (a reward model or classifier), not a causal LM; "
+            "--policy takes the model that generates, --reward-model the one that scores"
+        )
     if tokenizer.pad_token_id is None:
         # Padding positions are masked out; any id will do, eos is the customary one.
         log.warning("policy tokenizer has no pad token; padding with eos (%s)", tokenizer.eos_token)
         tokenizer.pad_token = tokenizer.eos_token
+    context = context_length(config, tokenizer)
     return PolicyInfo(
         path=directory,
         version=model_version(directory),
         tokenizer=tokenizer,
-        context_length=context_length(config, tokenizer),
+        context_length=context,
         eos_ids=eos_ids,
         dtype=checkpoint_dtype(config),
+        max_prompt_chars=max_text_chars(tokenizer, context),
     )

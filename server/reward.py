@@ -24,10 +24,11 @@ from server.checkpoints import (
     checkpoint_dtype,
     context_length,
     loading,
+    max_text_chars,
     model_version,
     weight_names,
 )
-from server.failures import CheckpointError
+from server.failures import CheckpointError, InvalidInput
 
 log = logging.getLogger(__name__)
 
@@ -66,10 +67,21 @@ def encode_candidate(
     tokenizer: PreTrainedTokenizerBase, prompt_text: str, messages: Messages | None, completion: str
 ) -> list[int]:
     """The RM input rule, in one place for the server and the trainers: the chat rule when there
-    are messages (falling back to `prompt_text`, the policy's rendering), else the completions rule."""
+    are messages (falling back to `prompt_text`, the policy's rendering), else the completions rule.
+
+    An empty text (an empty prompt and a completion cut at its first character) is read as the
+    tokenizer's bos token, or else its eos: the RM has no reading of zero tokens.
+    """
     if messages is not None:
-        return encode_chat(tokenizer, messages, completion, fallback_prompt=prompt_text)
-    return encode_completion(tokenizer, prompt_text, completion)
+        ids = encode_chat(tokenizer, messages, completion, fallback_prompt=prompt_text)
+    else:
+        ids = encode_completion(tokenizer, prompt_text, completion)
+    if ids:
+        return ids
+    stand_in = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    if stand_in is None:
+        raise InvalidInput("the text to score is empty and the reward model has no bos or eos token")
+    return [stand_in]
 
 
 @dataclass(frozen=True)
@@ -81,6 +93,7 @@ class RewardModelInfo:
     tokenizer: PreTrainedTokenizerBase
     max_length: int
     dtype: str  # the checkpoint's own dtype: what --dtype auto keeps
+    max_chars: int  # a longer text cannot fit the context: /v1/score refuses it before tokenizing
 
     def encode(self, prompt_text: str, messages: Messages | None, completion: str) -> list[int]:
         return encode_candidate(self.tokenizer, prompt_text, messages, completion)
@@ -108,7 +121,7 @@ def read_reward_model(path: str | Path) -> RewardModelInfo:
             f"reward model {directory} has num_labels={config.num_labels}; a Bradley-Terry reward model "
             "has exactly one label (a causal LM directory reports 2: train a reward model first)"
         )
-    if not any(name.split(".")[0] in HEADS for name in names):
+    if not any(name.split(".")[0] in HEADS for name in names):  # a causal LM given as --reward-model
         raise CheckpointError(
             f"reward model {directory} has no trained score head (no score.weight or classifier.weight "
             "in its weights); it looks like a causal LM, not a sequence-classification checkpoint"
@@ -118,10 +131,12 @@ def read_reward_model(path: str | Path) -> RewardModelInfo:
             "reward model tokenizer has no pad token; using eos (%s) for padding", tokenizer.eos_token
         )
         tokenizer.pad_token = tokenizer.eos_token
+    context = context_length(config, tokenizer)
     return RewardModelInfo(
         path=directory,
         version=model_version(directory),
         tokenizer=tokenizer,
-        max_length=context_length(config, tokenizer),
+        max_length=context,
         dtype=checkpoint_dtype(config),
+        max_chars=max_text_chars(tokenizer, context),
     )

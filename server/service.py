@@ -10,7 +10,8 @@ from __future__ import annotations
 import asyncio
 import copy
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from typing import Generic, TypeVar
@@ -84,6 +85,9 @@ class BestOfN:
         sample_log: SampleLog | None,
         max_best_of: int,
         max_batch_tokens: int,
+        max_prompts: int,
+        max_score_inputs: int,
+        max_score_tokens: int,
     ):
         self.loaded_policy = policy
         self.loaded_reward_model = reward_model
@@ -92,6 +96,13 @@ class BestOfN:
         self.sample_log = sample_log
         self.max_best_of = max_best_of
         self.max_batch_tokens = max_batch_tokens
+        self.max_prompts = max_prompts
+        self.max_score_inputs = max_score_inputs
+        self.max_score_tokens = max_score_tokens
+        # Tokenizing a long text takes long enough to stall every other request if it ran on the
+        # event loop. One thread: a fast tokenizer must not be called from two threads at once
+        # (its Rust side raises "Already borrowed").
+        self._tokenizing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bon-tokenize")
 
     @property
     def policy(self) -> PolicyInfo:
@@ -147,11 +158,34 @@ class BestOfN:
 
     # --- prompt preparation (policy side) -------------------------------------------------------
 
+    async def tokenize(self, work: Callable):
+        """Run `work` (any tokenizer calls) on the tokenizing thread."""
+        return await asyncio.get_running_loop().run_in_executor(self._tokenizing, work)
+
+    def _check_chars(self, chars: int, limit: int, tokens: int, field: str, name: str | None = None) -> None:
+        if chars > limit:
+            raise ContextTooLong(
+                f"{name or field} is {chars} characters: no text over {limit} characters fits the "
+                f"{tokens}-token context, so it was not tokenized",
+                field,
+            )
+
     def text_prompt(self, text: str) -> Prompt:
         return text_prompt(self.policy.tokenizer, text)
 
-    def chat_prompt(self, messages: Messages) -> Prompt:
-        return chat_prompt(self.policy.tokenizer, messages)
+    async def text_prompts(self, texts: list[str]) -> list[Prompt]:
+        """A completions request's prompts: their count and size checked, then tokenized."""
+        self.check_prompts(len(texts))
+        for text in texts:
+            self._check_chars(len(text), self.policy.max_prompt_chars, self.policy.context_length, "prompt")
+        tokenizer = self.policy.tokenizer
+        return await self.tokenize(lambda: [text_prompt(tokenizer, text) for text in texts])
+
+    async def chat_prompt(self, messages: Messages) -> Prompt:
+        chars = sum(len(m["content"]) for m in messages)
+        self._check_chars(chars, self.policy.max_prompt_chars, self.policy.context_length, "messages")
+        tokenizer = self.policy.tokenizer
+        return await self.tokenize(lambda: chat_prompt(tokenizer, messages))
 
     def render_messages(self, messages: Messages) -> str:
         return render_messages(self.policy.tokenizer, messages)
@@ -170,6 +204,15 @@ class BestOfN:
                 param,
             )
         return requested if requested is not None else min(default, room)
+
+    def check_prompts(self, count: int) -> None:
+        """A request with more prompts than the queue holds could never be admitted: 400, not 429."""
+        if count > self.max_prompts:
+            raise InvalidInput(
+                f"the request has {count} prompts; this server takes at most {self.max_prompts} at once "
+                "(--max-queued-prompts)",
+                "prompt",
+            )
 
     def check_best_of(self, best_of: int, params: SamplingParams, prompts: list[Prompt]) -> None:
         if best_of > self.max_best_of:
@@ -194,6 +237,48 @@ class BestOfN:
         """Rewards of RM inputs with this view's reward model."""
         return await self.scorer.score(inputs, self.loaded_reward_model.weights)
 
+    async def score_inputs(self, pairs: list[tuple[str | Messages, str]], field: str) -> list[list[int]]:
+        """RM inputs for `/v1/score`: (prompt text or messages, response) pairs, checked against the
+        limits (count, characters, context, total tokens) and never truncated."""
+        rm = self.reward_model
+        if len(pairs) > self.max_score_inputs:
+            raise InvalidInput(
+                f"{field} has {len(pairs)} entries; this server scores at most {self.max_score_inputs} "
+                "per request (--max-score-inputs)",
+                field,
+            )
+        for index, (prompt, response) in enumerate(pairs):
+            chars = len(response) + (
+                len(prompt) if isinstance(prompt, str) else sum(len(m["content"]) for m in prompt)
+            )
+            self._check_chars(chars, rm.max_chars, rm.max_length, field, f"{field}[{index}]")
+
+        def encode() -> list[list[int]]:
+            inputs = []
+            for prompt, response in pairs:
+                if isinstance(prompt, str):
+                    inputs.append(rm.encode(prompt, None, response))
+                else:
+                    inputs.append(rm.encode(render_messages(self.policy.tokenizer, prompt), prompt, response))
+            return inputs
+
+        inputs = await self.tokenize(encode)
+        for index, ids in enumerate(inputs):
+            if len(ids) > rm.max_length:
+                raise ContextTooLong(
+                    f"{field}[{index}] is {len(ids)} tokens for the reward model, over its limit of "
+                    f"{rm.max_length}; /v1/score does not truncate",
+                    field,
+                )
+        total = sum(len(ids) for ids in inputs)
+        if total > self.max_score_tokens:
+            raise InvalidInput(
+                f"{field} comes to {total} reward-model tokens; this server scores at most "
+                f"{self.max_score_tokens} per request (--max-score-tokens)",
+                field,
+            )
+        return inputs
+
     # --- the pipeline ---------------------------------------------------------------------------
 
     async def run(
@@ -205,7 +290,15 @@ class BestOfN:
         best_of: int,
         log: bool,
     ) -> list[BestOfNResult]:
-        results = await asyncio.gather(*(self._one(p, params, n, best_of) for p in prompts))
+        tasks = [asyncio.ensure_future(self._one(p, params, n, best_of)) for p in prompts]
+        try:
+            results = await asyncio.gather(*tasks)
+        except BaseException:
+            # One prompt refused (a full queue) or failed: the request fails, so its other prompts
+            # must not go on sampling and scoring for nobody.
+            for task in tasks:
+                task.cancel()
+            raise
         if log and self.sample_log is not None:
             self.sample_log.append(self._records(request_id, results, params))
         return list(results)
@@ -219,7 +312,7 @@ class BestOfN:
 
     async def _one(self, prompt: Prompt, params: SamplingParams, n: int, best_of: int) -> BestOfNResult:
         candidates = await self._sample(prompt, params, best_of)
-        inputs = [self.reward_input(prompt, c.text) for c in candidates]
+        inputs = await self.tokenize(lambda: [self.reward_input(prompt, c.text) for c in candidates])
         rewards = await self.score([i.token_ids for i in inputs])
         ranks = ranks_of(rewards)
         scored = [
@@ -284,3 +377,4 @@ class BestOfN:
     async def close(self) -> None:
         await self.sampler.close()
         await self.scorer.close()
+        self._tokenizing.shutdown(wait=False)

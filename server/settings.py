@@ -40,6 +40,12 @@ class Settings(BaseSettings):
     admin_key: Annotated[list[SecretStr], NoDecode] = Field(
         default_factory=list, description="Bearer key(s) for /admin/*; without one the admin API is off."
     )
+    public_metrics: bool = Field(
+        False, description="Serve /metrics without a key (for a scraper on a trusted network)."
+    )
+    max_body_bytes: int = Field(
+        8 * 2**20, ge=1024, description="Largest request body; larger ones get 413 before being read."
+    )
     watch: Path | None = Field(
         None, description="Serve the newest policy checkpoint published under this directory."
     )
@@ -50,13 +56,24 @@ class Settings(BaseSettings):
     max_batch_tokens: int = Field(
         16384, ge=1, description="Token budget of one batch: prompt once + best_of x max_tokens per prompt."
     )
-    max_queued_requests: int = Field(
-        256, ge=1, description="Prompts waiting for a batch beyond which requests get 429."
+    max_queued_prompts: int = Field(
+        256,
+        ge=1,
+        description="Prompts waiting for the sampler (vLLM: in flight) beyond which requests get 429; "
+        "a request with more prompts than this gets 400.",
     )
     batch_gather_ms: float = Field(
         20.0, ge=0, le=1000, description="How long an idle sampler waits for concurrent requests to batch."
     )
     default_max_tokens: int = Field(16, ge=1, description="max_tokens when a request gives none.")
+    max_score_inputs: int = Field(
+        256, ge=1, description="Most responses (or pairs) one /v1/score request may hold."
+    )
+    max_score_tokens: int = Field(
+        262_144,
+        ge=1,
+        description="Most reward-model tokens one /v1/score request may hold, all inputs together.",
+    )
     vllm_gpu_memory_utilization: float = Field(
         0.4,
         gt=0,
@@ -86,9 +103,17 @@ class Settings(BaseSettings):
     @field_validator("api_key", "admin_key", mode="before")
     @classmethod
     def _split_keys(cls, value):
-        if isinstance(value, str):
-            return [key.strip() for key in value.split(",") if key.strip()]
-        return value
+        """Comma-separated in the environment; one per flag on the command line. An empty key is
+        refused: BON_API_KEY="" must not quietly mean "no authentication"."""
+        keys = value.split(",") if isinstance(value, str) else list(value)
+        keys = [key.strip() if isinstance(key, str) else key for key in keys]
+        if any(key == "" for key in keys):
+            raise ValueError("an empty key was given; leave the setting out to serve without keys")
+        return keys
+
+    @property
+    def loopback(self) -> bool:
+        return self.host in ("127.0.0.1", "localhost", "::1") or self.host.startswith("127.")
 
     @property
     def model_name(self) -> str:

@@ -90,13 +90,17 @@ class Server:
     process: subprocess.Popen
     sample_log: Path
     log_file: Path
+    key: str | None = None  # an API key it accepts (/metrics needs one when it has keys)
 
     def output(self) -> str:
         return self.log_file.read_text()
 
     def metric(self, name: str, **labels: str) -> float:
         """Sum of the samples called `name` whose labels include `labels`."""
-        text = httpx.get(f"{self.url}/metrics").text
+        headers = {"Authorization": f"Bearer {self.key}"} if self.key else {}
+        response = httpx.get(f"{self.url}/metrics", headers=headers)
+        response.raise_for_status()
+        text = response.text
         total = 0.0
         for line in text.splitlines():
             if line.startswith("#") or not line.startswith(name):
@@ -124,7 +128,9 @@ def start_server(
     process = subprocess.Popen(
         command, stdout=log_file.open("w"), stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
     )
-    server = Server(f"http://127.0.0.1:{port}", process, sample_log, log_file)
+    keys = [extra[i + 1] for i, flag in enumerate(extra) if flag == "--api-key"]
+    keys += [k for k in (env or {}).get("BON_API_KEY", "").split(",") if k]
+    server = Server(f"http://127.0.0.1:{port}", process, sample_log, log_file, keys[0] if keys else None)
     if wait:
         wait_ready(server)
     return server
@@ -169,8 +175,9 @@ def server(pair_gpt2_llama, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def server_b(pair_qwen2_gpt2, tmp_path_factory):
-    """Second pair: Qwen2 policy + GPT-2 RM without a chat template, keys from the environment."""
+    """Second pair: Qwen2 policy + GPT-2 RM without a chat template, keys from the environment,
+    /metrics open to a scraper."""
     workdir = tmp_path_factory.mktemp("server_b")
-    s = start_server(pair_qwen2_gpt2, workdir, env={"BON_API_KEY": "env-key"})
+    s = start_server(pair_qwen2_gpt2, workdir, "--public-metrics", env={"BON_API_KEY": "env-key"})
     yield s
     stop_server(s)

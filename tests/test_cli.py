@@ -107,7 +107,7 @@ def test_export_samples(server, tmp_path, fmt):
 
 
 def test_export_of_a_missing_log_is_a_clear_error(tmp_path):
-    result = export("--sample-log", str(tmp_path / "none.db"), "-o", str(tmp_path / "x"))
+    result = export("--sample-log", str(tmp_path / "none.db"), "-o", str(tmp_path / "x.jsonl"))
     assert result.returncode == 2 and "no candidate log" in result.stderr
 
 

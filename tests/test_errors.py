@@ -175,9 +175,7 @@ def test_internal_errors_are_500_without_internals():
 
 def test_overload_is_a_429_with_retry_after(pair_gpt2_llama, tmp_path):
     # One queued prompt at most and a small batch budget, so a burst overflows the queue.
-    server = start_server(
-        pair_gpt2_llama, tmp_path, "--max-queued-requests", "1", "--max-batch-tokens", "300"
-    )
+    server = start_server(pair_gpt2_llama, tmp_path, "--max-queued-prompts", "1", "--max-batch-tokens", "300")
 
     async def burst():
         async with httpx.AsyncClient(timeout=120) as client:

@@ -13,7 +13,7 @@ from conftest import API_KEYS
 
 def bon_metrics(server) -> str:
     # Only our own families: the process/GC collectors are prometheus-client's business.
-    text = httpx.get(f"{server.url}/metrics").text
+    text = httpx.get(f"{server.url}/metrics", headers={"Authorization": f"Bearer {server.key}"}).text
     blocks = re.split(r"(?m)^(?=# HELP )", text)
     return "".join(b for b in blocks if b.startswith("# HELP bon_"))
 

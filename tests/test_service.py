@@ -25,11 +25,11 @@ def tokenizers():
 
 
 def policy_info(tokenizers, name="policy-v1") -> PolicyInfo:
-    return PolicyInfo(Path(name), name, tokenizers[0], 64, frozenset(), "float32")
+    return PolicyInfo(Path(name), name, tokenizers[0], 64, frozenset(), "float32", 64 * 16)
 
 
 def rm_info(tokenizers, name="rm-v1") -> RewardModelInfo:
-    return RewardModelInfo(Path(name), name, tokenizers[1], 64, "float32")
+    return RewardModelInfo(Path(name), name, tokenizers[1], 64, "float32", 64 * 16)
 
 
 async def make_service(tokenizers, sampler, scorer, sample_log=None) -> BestOfN:
@@ -42,6 +42,9 @@ async def make_service(tokenizers, sampler, scorer, sample_log=None) -> BestOfN:
         sample_log,
         max_best_of=8,
         max_batch_tokens=4096,
+        max_prompts=4,
+        max_score_inputs=8,
+        max_score_tokens=512,
     )
 
 

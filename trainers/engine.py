@@ -150,10 +150,21 @@ def publish(accelerator: Accelerator, output: Path, write: Callable[[Path], None
         staging.mkdir()
         try:
             write(staging)
+            _readable(staging)
             os.rename(staging, output)  # atomic on one filesystem; fails if output appeared meanwhile
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     accelerator.wait_for_everyone()
+
+
+def _readable(directory: Path) -> None:
+    """The modes a plain file write would give (0666 and 0777 less the umask): safetensors writes
+    its files 0600, which a server running as another user cannot read."""
+    umask = os.umask(0)
+    os.umask(umask)
+    directory.chmod(0o777 & ~umask)
+    for path in directory.rglob("*"):
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def write_history(history: list[dict[str, float]], directory: Path, title: str) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import secrets
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -18,6 +17,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 from server import metrics
 from server.api import errors
 from server.api.errors import APIError, failure_response
+from server.api.guard import Guard
 from server.api.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -27,7 +27,7 @@ from server.api.protocol import (
 )
 from server.api.responses import as_stream, chat_body, completion_body
 from server.engines.contract import RewardScorer, Sampler, SamplingParams
-from server.failures import ContextTooLong, EngineDead, NotReady
+from server.failures import EngineDead, NotReady
 from server.log.sample_log import FeedbackRecord, SampleLog
 from server.policy import PolicyInfo
 from server.reload import Reloader
@@ -85,36 +85,6 @@ async def _service(request: Request) -> AsyncIterator[BestOfN]:
 Service = Annotated[BestOfN, Depends(_service)]
 
 
-def _bearer(request: Request) -> str | None:
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    return token if scheme.lower() == "bearer" and token else None
-
-
-def _known(token: str | None, keys: list[str]) -> bool:
-    # Bytes, not str: compare_digest refuses non-ASCII strings, and a header may carry any byte.
-    return token is not None and any(secrets.compare_digest(token.encode(), k.encode()) for k in keys)
-
-
-async def _authorize(request: Request) -> None:
-    keys: list[str] = request.app.state.api_keys
-    if keys and not _known(_bearer(request), keys):
-        raise APIError(
-            401, "missing or invalid API key (send Authorization: Bearer <key>)", code="invalid_api_key"
-        )
-
-
-async def _authorize_admin(request: Request) -> None:
-    """No key: 401. A key that is not an admin key (an API key included): 403. No --admin-key: 403."""
-    keys: list[str] = request.app.state.admin_keys
-    token = _bearer(request)
-    if token is None:
-        raise APIError(401, "admin routes need Authorization: Bearer <admin key>", code="invalid_api_key")
-    if not keys:
-        raise APIError(403, "the admin API is off: start bon serve with --admin-key", code="admin_disabled")
-    if not _known(token, keys):
-        raise APIError(403, "this key may not use the admin API", code="forbidden")
-
-
 def _check_model(request: Request, service: BestOfN, model: str | None) -> None:
     """The served name, or the path of the policy this request runs on (it changes on reload)."""
     name = request.app.state.model_name
@@ -142,7 +112,8 @@ async def _until_disconnect(request: Request, work):
         task.cancel()
 
 
-router = APIRouter(prefix="/v1", dependencies=[Depends(_authorize)])
+# Keys are checked by the Guard middleware, on the headers, before any body is read.
+router = APIRouter(prefix="/v1")
 
 
 @router.get("/models")
@@ -179,8 +150,9 @@ def _maybe_stream(body: dict, stream: bool):
 @router.post("/completions")
 async def completions(body: CompletionRequest, request: Request, service: Service):
     """Best-of-N text completion for one prompt or a list of prompts."""
+    body.refuse_unsupported()
     _check_model(request, service, body.model)
-    prompts = [service.text_prompt(p) for p in body.prompts()]
+    prompts = await service.text_prompts(body.prompts())
     params = _params(request, service, body, prompts)
     request_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     results = await _until_disconnect(
@@ -195,8 +167,9 @@ async def completions(body: CompletionRequest, request: Request, service: Servic
 @router.post("/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request, service: Service):
     """Best-of-N chat completion; the RM reads the conversation through its own chat template."""
+    body.refuse_unsupported()
     _check_model(request, service, body.model)
-    prompt = service.chat_prompt([m.plain() for m in body.messages])
+    prompt = await service.chat_prompt([m.plain() for m in body.messages])
     params = _params(request, service, body, [prompt])
     request_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     [result] = await _until_disconnect(
@@ -210,27 +183,16 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, servic
 async def score(body: ScoreRequest, request: Request, service: Service) -> dict:
     """Rewards of given responses (one prompt, many responses; or unrelated pairs), in input order."""
     _check_model(request, service, body.model)
-    rm = service.reward_model
-    inputs = []
-    for index, pair in enumerate(body.as_pairs()):
-        if isinstance(pair.prompt, str):
-            ids = rm.encode(pair.prompt, None, pair.response)
-        else:
-            messages = [m.plain() for m in pair.prompt]
-            ids = rm.encode(service.render_messages(messages), messages, pair.response)
-        if len(ids) > rm.max_length:
-            field = "pairs" if body.pairs is not None else "responses"
-            raise ContextTooLong(
-                f"{field}[{index}] is {len(ids)} tokens for the reward model, over its limit of "
-                f"{rm.max_length}; /v1/score does not truncate",
-                field,
-            )
-        inputs.append(ids)
+    pairs = [
+        (p.prompt if isinstance(p.prompt, str) else [m.plain() for m in p.prompt], p.response)
+        for p in body.as_pairs()
+    ]
+    inputs = await service.score_inputs(pairs, "pairs" if body.pairs is not None else "responses")
     rewards = await _until_disconnect(request, service.score(inputs))
     return {
         "object": "list",
         "model": request.app.state.model_name,
-        "reward_model": str(rm.path),
+        "reward_model": str(service.reward_model.path),
         "data": [{"index": i, "reward": r} for i, r in enumerate(rewards)],
     }
 
@@ -278,7 +240,7 @@ async def feedback(body: FeedbackRequest, request: Request, service: Service) ->
     return {"object": "feedback", "request_id": body.request_id, "pairs": pairs}
 
 
-admin = APIRouter(prefix="/admin", dependencies=[Depends(_authorize_admin)])
+admin = APIRouter(prefix="/admin")
 
 
 @admin.post("/reload")
@@ -335,6 +297,9 @@ def build_app(
             sample_log=sample_log,
             max_best_of=settings.max_best_of,
             max_batch_tokens=settings.max_batch_tokens,
+            max_prompts=settings.max_queued_prompts,
+            max_score_inputs=settings.max_score_inputs,
+            max_score_tokens=settings.max_score_tokens,
         )
         app.state.service = service
         app.state.reloader = reloader = Reloader(service)
@@ -360,8 +325,6 @@ def build_app(
     app = FastAPI(title="bon", lifespan=lifespan)
     app.state.ready = False
     app.state.started = int(time.time())
-    app.state.api_keys = [key.get_secret_value() for key in settings.api_key]
-    app.state.admin_keys = [key.get_secret_value() for key in settings.admin_key]
     app.state.default_max_tokens = settings.default_max_tokens
     app.state.model_name = settings.model_name
     errors.install(app)
@@ -381,11 +344,8 @@ def build_app(
             await service.check()
         except EngineDead as dead:
             return failure_response(dead)
-        return {
-            "status": "ready",
-            "policy": str(service.policy.path),
-            "reward_model": str(service.reward_model.path),
-        }
+        # Public, so it names no paths: /v1/models (with a key) says what is loaded.
+        return {"status": "ready"}
 
     @app.get("/metrics")
     async def prometheus_metrics() -> Response:
@@ -394,5 +354,12 @@ def build_app(
 
     app.include_router(router)
     app.include_router(admin)
-    app.add_middleware(_RequestMetrics)
+    app.add_middleware(
+        Guard,
+        api_keys=[key.get_secret_value() for key in settings.api_key],
+        admin_keys=[key.get_secret_value() for key in settings.admin_key],
+        max_body_bytes=settings.max_body_bytes,
+        public_metrics=settings.public_metrics,
+    )
+    app.add_middleware(_RequestMetrics)  # outermost: counts what the Guard refuses too
     return app

@@ -6,16 +6,68 @@ Extensions: `best_of` on chat, `top_k`, `return_candidates`, `log`.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from server.engines.contract import SamplingParams
+from server.failures import InvalidInput
+
+
+def _unicode_text(text: str) -> str:
+    """JSON can carry a lone surrogate ("\\ud800"): that is not Unicode text, and no tokenizer (nor
+    SQLite) takes it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise ValueError(
+            f"contains an unpaired surrogate ({text[error.start]!r} at {error.start}), which is not text"
+        ) from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_unicode_text)]
+
+# OpenAI parameters bon does not implement, each with the values that ask for nothing (some
+# clients send those by default). Any other value is refused by name, never silently ignored.
+UNSUPPORTED: dict[str, tuple[Any, ...]] = {
+    "logprobs": (None, False, 0),
+    "top_logprobs": (None, 0),
+    "echo": (None, False),
+    "suffix": (None, ""),
+    "logit_bias": (None, {}),
+    "presence_penalty": (None, 0),
+    "frequency_penalty": (None, 0),
+    "tools": (None, []),
+    "tool_choice": (None, "none"),
+    "functions": (None, []),
+    "function_call": (None, "none"),
+    "response_format": (None, {"type": "text"}),
+    "prediction": (None,),
+    "audio": (None,),
+    "modalities": (None, ["text"]),
+}
 
 
 class _Request(BaseModel):
-    # OpenAI clients send fields we do not use (user, presence_penalty...): accept and ignore them.
-    model_config = ConfigDict(extra="ignore")
+    # Fields outside the schema are kept (in model_extra) so that the OpenAI parameters bon does
+    # not implement can be refused by name; harmless ones (user, metadata...) pass.
+    model_config = ConfigDict(extra="allow")
+
+    def refuse_unsupported(self) -> None:
+        """Raise InvalidInput naming the first OpenAI parameter set to something bon cannot do."""
+        for name, neutral in UNSUPPORTED.items():
+            value = (self.model_extra or {}).get(name)
+            if value not in neutral:
+                raise InvalidInput(f"{name} is not supported by this server (got {value!r})", name)
 
 
 class ChatMessage(BaseModel):
@@ -34,8 +86,8 @@ class ChatMessage(BaseModel):
                 if part.get("type") != "text" or not isinstance(part.get("text"), str):
                     raise ValueError("only text content parts are supported")
                 texts.append(part["text"])
-            return "".join(texts)
-        return content or ""
+            content = "".join(texts)
+        return _unicode_text(content or "")
 
     def plain(self) -> dict[str, str]:
         return {"role": self.role, "content": self.content or ""}
@@ -53,7 +105,8 @@ class _Sampling(_Request):
     max_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(0, ge=-1, description="0 or -1 disables top-k.")
+    # int32: what every engine's top-k tensor holds; any k above the vocabulary keeps every token.
+    top_k: int = Field(0, ge=-1, le=2**31 - 1, description="0 or -1 disables top-k.")
     stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=0, lt=2**63)
     stream: bool = False
@@ -64,6 +117,8 @@ class _Sampling(_Request):
     @classmethod
     def _stops(cls, stop):
         stops = [stop] if isinstance(stop, str) else list(stop or [])
+        for text in stops:
+            _unicode_text(text)
         if any(s == "" for s in stops):
             raise ValueError("stop strings must not be empty")
         if len(stops) > 16:
@@ -105,11 +160,20 @@ class _Sampling(_Request):
 class CompletionRequest(_Sampling):
     prompt: str | list[str]
 
-    @field_validator("prompt")
+    @field_validator("prompt", mode="before")
     @classmethod
-    def _some_prompt(cls, prompt):
+    def _text_prompt(cls, prompt):
+        """Name the field, not the union's branches ("prompt.str"), when the prompt is not text."""
         if isinstance(prompt, list) and not prompt:
             raise ValueError("prompt list is empty")
+        if isinstance(prompt, list) and all(isinstance(p, int) for p in prompt):
+            raise ValueError("token-id prompts are not supported: send the prompt as text")
+        if not isinstance(prompt, str) and not (
+            isinstance(prompt, list) and all(isinstance(p, str) for p in prompt)
+        ):
+            raise ValueError("prompt must be a string or a list of strings")
+        for text in [prompt] if isinstance(prompt, str) else prompt:
+            _unicode_text(text)
         return prompt
 
     def prompts(self) -> list[str]:
@@ -118,29 +182,31 @@ class CompletionRequest(_Sampling):
 
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
-    logprobs: bool | None = None
+    # The chat API's newer name for max_tokens; either may be given.
+    max_completion_tokens: int | None = Field(None, ge=1)
 
-    @field_validator("logprobs")
-    @classmethod
-    def _no_logprobs(cls, logprobs):
-        if logprobs:
-            raise ValueError("logprobs are not supported")
-        return logprobs
+    @model_validator(mode="after")
+    def _one_max_tokens(self):
+        if self.max_completion_tokens is not None:
+            if self.max_tokens is not None and self.max_tokens != self.max_completion_tokens:
+                raise ValueError("max_tokens and max_completion_tokens disagree; give one")
+            self.max_tokens = self.max_completion_tokens
+        return self
 
 
 class ScorePair(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    prompt: str | list[ChatMessage]
-    response: str
+    prompt: Text | list[ChatMessage]
+    response: Text
 
 
 class ScoreRequest(_Request):
     """Either one prompt with several responses, or a batch of unrelated (prompt, response) pairs."""
 
     model: str | None = None
-    prompt: str | list[ChatMessage] | None = None
-    responses: list[str] | None = None
+    prompt: Text | list[ChatMessage] | None = None
+    responses: list[Text] | None = None
     pairs: list[ScorePair] | None = None
 
     @model_validator(mode="after")
@@ -165,7 +231,7 @@ class FeedbackRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    request_id: str = Field(min_length=1)
+    request_id: Text = Field(min_length=1)
     prompt_index: int = Field(0, ge=0, description="Which prompt of a multi-prompt completion request.")
     chosen: int | None = Field(None, ge=0)
     rejected: int | None = Field(None, ge=0)
@@ -190,8 +256,8 @@ class FeedbackRequest(BaseModel):
 class ReloadRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    policy: str | None = None
-    reward_model: str | None = None
+    policy: Text | None = Field(None, min_length=1)
+    reward_model: Text | None = Field(None, min_length=1)
 
     @model_validator(mode="after")
     def _something(self):

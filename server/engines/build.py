@@ -28,7 +28,7 @@ def _vllm_options(settings: Settings, role: str):
         gpu_memory_utilization=fraction,
         kv_cache_gib=settings.vllm_kv_cache_gib,
         enforce_eager=settings.vllm_enforce_eager,
-        max_queued=settings.max_queued_requests,
+        max_queued=settings.max_queued_prompts,
     )
     return vllm, options
 
@@ -43,7 +43,7 @@ def build_sampler(settings: Settings) -> Sampler:
         settings.device,
         settings.dtype,
         settings.max_batch_tokens,
-        settings.max_queued_requests,
+        settings.max_queued_prompts,
         settings.batch_gather_ms / 1000,
     )
 
@@ -55,5 +55,5 @@ def build_scorer(settings: Settings) -> RewardScorer:
     from server.engines.hf.scorer import TransformersScorer
 
     return TransformersScorer(
-        settings.device, settings.dtype, settings.max_batch_tokens, settings.max_queued_requests
+        settings.device, settings.dtype, settings.max_batch_tokens, settings.max_queued_prompts
     )

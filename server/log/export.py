@@ -19,8 +19,24 @@ def export_record(record: dict) -> dict:
     return out
 
 
-def export_samples(sample_log: Path, output: Path, fmt: str) -> int:
+FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet"}
+
+
+def format_of(output: Path, fmt: str | None) -> str:
+    """The format asked for, or the one the output's extension names."""
+    if fmt is not None:
+        return fmt
+    if output.suffix not in FORMATS:
+        raise ValueError(
+            f"cannot tell the format of {output} from its extension: name it .jsonl or .parquet, "
+            "or give --format"
+        )
+    return FORMATS[output.suffix]
+
+
+def export_samples(sample_log: Path, output: Path, fmt: str | None = None) -> int:
     """Write every candidate of `sample_log` to `output`; returns how many were written."""
+    fmt = format_of(output, fmt)
     records = [export_record(r) for r in read_records(sample_log)]
     output.parent.mkdir(parents=True, exist_ok=True)
     if fmt == "jsonl":

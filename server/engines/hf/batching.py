@@ -9,6 +9,7 @@ serving HTTP meanwhile.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections import deque
 from collections.abc import Callable
@@ -18,6 +19,8 @@ from typing import Generic, TypeVar
 
 from server import metrics
 from server.failures import EngineStopped, Overloaded
+
+log = logging.getLogger(__name__)
 
 Job = TypeVar("Job")
 Result = TypeVar("Result")
@@ -105,7 +108,6 @@ class TokenBudgetBatcher(Generic[Job, Result]):
         return batch
 
     async def _work(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
             await self._wakeup.wait()
             self._wakeup.clear()
@@ -119,19 +121,35 @@ class TokenBudgetBatcher(Generic[Job, Result]):
                     metrics.QUEUE_WAIT.labels(stage=self._stage).observe(now - pending.enqueued)
                 metrics.BATCH_SEQUENCES.labels(stage=self._stage).observe(sum(p.sequences for p in batch))
                 metrics.BATCH_TOKENS.labels(stage=self._stage).observe(sum(p.cost for p in batch))
-                try:
-                    with metrics.STAGE_SECONDS.labels(stage=self._stage).time():
-                        results = await loop.run_in_executor(
-                            self._executor, self._run_batch, [p.job for p in batch]
-                        )
-                except Exception as error:  # the batch failed: fail its callers, keep serving
-                    for pending in batch:
-                        if not pending.future.done():
-                            pending.future.set_exception(error)
-                    continue
-                for pending, result in zip(batch, results, strict=True):
-                    if not pending.future.done():
-                        pending.future.set_result(result)
+                await self._run(batch)
+
+    async def _run(self, batch: list[_Pending[Job, Result]]) -> None:
+        """Run a batch and answer its callers. A batch that fails runs again one job at a time, so
+        a request that breaks the engine fails alone, not every request that shared its batch."""
+        try:
+            with metrics.STAGE_SECONDS.labels(stage=self._stage).time():
+                results = await asyncio.get_running_loop().run_in_executor(
+                    self._executor, self._run_batch, [p.job for p in batch]
+                )
+        except Exception as error:
+            if len(batch) == 1:
+                if not batch[0].future.done():
+                    batch[0].future.set_exception(error)
+                return
+            log.warning(
+                "a %s batch of %d jobs failed (%r); running them one by one", self._stage, len(batch), error
+            )
+            for pending in batch:
+                if pending.future.cancelled():
+                    metrics.DROPPED.labels(stage=self._stage).inc()
+                else:
+                    await self._run([pending])
+            return
+        for pending, result in zip(batch, results, strict=True):
+            if pending.future.cancelled():  # its client went away while it ran
+                metrics.DROPPED.labels(stage=self._stage).inc()
+            elif not pending.future.done():
+                pending.future.set_result(result)
 
     async def close(self) -> None:
         if self._worker is not None:

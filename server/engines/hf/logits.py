@@ -29,8 +29,10 @@ def filter_logits(
         return logits
     sorted_logits, order = logits.sort(dim=-1, descending=True)  # (R, V)
     probs = sorted_logits.softmax(dim=-1)
-    # A token is dropped when the mass before it already reaches top_p: the first always stays.
+    # A token is dropped when the mass before it already reaches top_p. The most likely one always
+    # stays, even for a top_p so small that it is 0 in float32 (then the mask would drop them all).
     outside_nucleus = (probs.cumsum(dim=-1) - probs) >= top_p[:, None]
+    outside_nucleus[:, 0] = False
     rank = torch.arange(logits.shape[-1], device=logits.device)
     k = torch.where(top_k > 0, top_k, torch.full_like(top_k, logits.shape[-1]))
     outside_top_k = rank[None, :] >= k[:, None]

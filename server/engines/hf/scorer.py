@@ -17,9 +17,23 @@ class ScoreJob:
     reward_model: HFRewardModel  # pinned at request start, so a reload never mixes models in a request
 
 
+def _chunks(inputs: list[list[int]], budget: int) -> list[list[list[int]]]:
+    """Consecutive runs of inputs of at most `budget` tokens each (an input over it runs alone)."""
+    chunks: list[list[list[int]]] = []
+    tokens = budget + 1  # no chunk open yet
+    for ids in inputs:
+        if tokens + len(ids) > budget:
+            chunks.append([])
+            tokens = 0
+        chunks[-1].append(ids)
+        tokens += len(ids)
+    return chunks
+
+
 class TransformersScorer:
     def __init__(self, device: str, dtype: str, max_batch_tokens: int, max_queued: int):
         self.device, self.dtype = device, dtype
+        self._max_batch_tokens = max_batch_tokens
         self._batcher: TokenBudgetBatcher[ScoreJob, list[float]] = TokenBudgetBatcher(
             self._run, max_batch_tokens, max_queued, stage="scoring"
         )
@@ -44,8 +58,14 @@ class TransformersScorer:
         return results
 
     async def score(self, inputs: list[list[int]], weights: object) -> list[float]:
-        job = ScoreJob(inputs, weights)
-        return await self._batcher.submit(job, sum(len(ids) for ids in inputs), sequences=len(inputs))
+        """Inputs go to the batcher in chunks of at most one batch budget, one after another: a
+        large request takes turns with the others, and if its client leaves, the chunks not yet
+        submitted are never run."""
+        rewards: list[float] = []
+        for chunk in _chunks(inputs, self._max_batch_tokens):
+            job = ScoreJob(chunk, weights)
+            rewards += await self._batcher.submit(job, sum(len(ids) for ids in chunk), sequences=len(chunk))
+        return rewards
 
     async def release(self, weights: object) -> None:
         """Nothing to do: the batcher holds no reference once the last request is answered."""

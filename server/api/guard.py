@@ -1,0 +1,135 @@
+"""What every request meets before the app reads it: keys, a body-size limit, and a last catch.
+
+A pure ASGI middleware, the outermost one of the app:
+- API keys guard /v1/* (and /metrics unless it is public), admin keys /admin/*, checked on the
+  headers alone, so a caller without a key costs no body read or parse;
+- the body is read here, at most `max_body_bytes` of it (413 beyond, from Content-Length before
+  reading anything, or as a chunked body streams in), and handed on;
+- an exception nobody handled becomes a 500 envelope here. Starlette's own handler re-raises
+  after answering, and uvicorn then drops the keep-alive connection without `Connection: close`,
+  so a client's next request on it failed.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+
+from server.api.errors import error_response
+
+log = logging.getLogger(__name__)
+
+# A refused request's body is read and dropped up to this many times the body limit (see _refuse).
+DRAINED = 4
+
+
+def _bearer(headers: dict[bytes, bytes]) -> bytes | None:
+    scheme, _, token = headers.get(b"authorization", b"").partition(b" ")
+    return token if scheme.lower() == b"bearer" and token else None
+
+
+def _known(token: bytes | None, keys: list[bytes]) -> bool:
+    # Bytes: a header may carry any byte, and compare_digest takes bytes whatever they are.
+    return token is not None and any(secrets.compare_digest(token, key) for key in keys)
+
+
+class Guard:
+    def __init__(
+        self, app, api_keys: list[str], admin_keys: list[str], max_body_bytes: int, public_metrics: bool
+    ):
+        self.app = app
+        self.api_keys = [key.encode() for key in api_keys]
+        self.admin_keys = [key.encode() for key in admin_keys]
+        self.max_body_bytes = max_body_bytes
+        self.public_metrics = public_metrics
+
+    def _refusal(self, path: str, headers: dict[bytes, bytes]):
+        """The error response for a caller without the key this path needs, else None."""
+        token = _bearer(headers)
+        if path.startswith("/admin/"):
+            if token is None:
+                return error_response(
+                    401, "admin routes need Authorization: Bearer <admin key>", code="invalid_api_key"
+                )
+            if not self.admin_keys:
+                return error_response(
+                    403, "the admin API is off: start bon serve with --admin-key", code="admin_disabled"
+                )
+            if not _known(token, self.admin_keys):
+                return error_response(403, "this key may not use the admin API", code="forbidden")
+            return None
+        keyed = path.startswith("/v1/") or (path == "/metrics" and not self.public_metrics)
+        if keyed and self.api_keys and not _known(token, self.api_keys):
+            return error_response(
+                401, "missing or invalid API key (send Authorization: Bearer <key>)", code="invalid_api_key"
+            )
+        return None
+
+    async def _read_body(self, receive, limit: int, keep: bool = True) -> bytes | None:
+        """The whole body (empty unless `keep`), or None once it passes `limit` (the rest is not
+        read)."""
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                break
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                return None
+            if keep:
+                chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        return b"".join(chunks)
+
+    async def _refuse(self, response, scope, receive, send) -> None:
+        """Answer without using the body. Up to a few times the limit, the body is read and thrown
+        away, so that the client reads the answer rather than a connection reset mid-upload; past
+        that the connection is closed instead."""
+        if await self._read_body(receive, DRAINED * self.max_body_bytes, keep=False) is None:
+            response.headers["Connection"] = "close"
+        await response(scope, receive, send)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope["headers"])
+        refusal = self._refusal(scope["path"], headers)
+        if refusal is not None:
+            return await self._refuse(refusal, scope, receive, send)
+
+        too_large = error_response(
+            413, f"request body over {self.max_body_bytes} bytes (--max-body-bytes)", code="request_too_large"
+        )
+        length = headers.get(b"content-length", b"")
+        if length.isdigit() and int(length) > DRAINED * self.max_body_bytes:
+            too_large.headers["Connection"] = "close"  # not worth reading even to throw away
+            return await too_large(scope, receive, send)
+        body = await self._read_body(receive, self.max_body_bytes)
+        if body is None:
+            return await self._refuse(too_large, scope, receive, send)
+
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()  # then what the client does next: a disconnect
+
+        started = False
+
+        async def send_recording(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, replay, send_recording)
+        except Exception:
+            log.exception("internal error on %s %s", scope["method"], scope["path"])
+            if started:
+                raise  # half a response went out: nothing to repair
+            await error_response(500, "internal server error", code="internal_error")(scope, replay, send)
