@@ -31,6 +31,9 @@ def _add_serve(commands) -> None:
             serve.add_argument(flag, default=argparse.SUPPRESS, help=help_text)
 
 
+GRACEFUL_SHUTDOWN_SECONDS = 10
+
+
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -71,7 +74,14 @@ def _serve(args: argparse.Namespace) -> int:
             settings.host,
         )
     app = build_app(settings, policy, reward_model, sampler, scorer)
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        # SIGTERM: requests still running after this long are cut off; then the log is flushed.
+        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
+    )
     server = uvicorn.Server(config)  # its Config has set up uvicorn's loggers by now
     logging.getLogger("uvicorn.access").addFilter(_drop_query_strings)
     server.run()

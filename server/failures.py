@@ -40,6 +40,11 @@ class EngineDead(Failure):
     """The engine failed and cannot serve any request until it is replaced; the message says why."""
 
 
+class LogBehind(Failure):
+    """The candidate log's writer is too far behind to take a request's candidates in time; the
+    request fails rather than being acknowledged with candidates that might not be kept."""
+
+
 class CheckpointError(Failure, ValueError):
     """A model directory that cannot be served as asked; the message says what to change."""
 

@@ -26,13 +26,16 @@ from server.engines.contract import (
     sampling_cost,
 )
 from server.failures import ContextTooLong, InvalidInput
-from server.log.sample_log import CandidateRecord, SampleLog
+from server.log.sample_log import CompletionRecord, RequestRecord, SampleLog
 from server.policy import PolicyInfo
 from server.prompts import Prompt, chat_prompt, render_messages, reward_input, text_prompt
 from server.reward import Messages, RewardInput, RewardModelInfo
 from server.selection import rank_by_reward, ranks_of
 
 Info = TypeVar("Info", PolicyInfo, RewardModelInfo)
+
+# How long a request waits for room in the candidate log's queue before it fails (503).
+LOG_ROOM_SECONDS = 5.0
 
 
 @dataclass(eq=False)
@@ -300,7 +303,10 @@ class BestOfN:
                 task.cancel()
             raise
         if log and self.sample_log is not None:
-            self.sample_log.append(self._records(request_id, results, params))
+            # Before the response: what is acknowledged is queued, and the queue is bounded.
+            await self.sample_log.append_when_room(
+                self._record(request_id, results, params), LOG_ROOM_SECONDS
+            )
         return list(results)
 
     async def _sample(self, prompt: Prompt, params: SamplingParams, best_of: int) -> list[Candidate]:
@@ -332,10 +338,7 @@ class BestOfN:
         metrics.GENERATED_TOKENS.inc(result.completion_tokens)
         return result
 
-    def _records(
-        self, request_id: str, results: list[BestOfNResult], params: SamplingParams
-    ) -> list[CandidateRecord]:
-        now = time.time()
+    def _record(self, request_id: str, results: list[BestOfNResult], params: SamplingParams) -> RequestRecord:
         params_logged = {
             "max_tokens": params.max_tokens,
             "temperature": params.temperature,
@@ -346,29 +349,30 @@ class BestOfN:
             "best_of": len(results[0].candidates),
             "n": len(results[0].chosen),
         }
-        return [
-            CandidateRecord(
-                request_id=request_id,
-                prompt_index=prompt_index,
-                candidate_index=index,
-                prompt=result.prompt.logged(),
-                completion=s.candidate.text,
-                reward=s.reward,
-                rank=s.rank,
-                finish_reason=s.candidate.finish_reason,
-                policy=str(self.policy.path),
-                policy_version=self.policy.version,
-                reward_model=str(self.reward_model.path),
-                reward_model_version=self.reward_model.version,
-                params=params_logged,
-                prompt_tokens=len(result.prompt.token_ids),
-                completion_tokens=len(s.candidate.token_ids),
-                reward_truncated=s.reward_truncated,
-                created=now,
-            )
-            for prompt_index, result in enumerate(results)
-            for index, s in enumerate(result.candidates)
-        ]
+        return RequestRecord(
+            request_id=request_id,
+            params=params_logged,
+            policy=str(self.policy.path),
+            policy_version=self.policy.version,
+            reward_model=str(self.reward_model.path),
+            reward_model_version=self.reward_model.version,
+            created=time.time(),
+            prompts=[(result.prompt.logged(), len(result.prompt.token_ids)) for result in results],
+            completions=[
+                CompletionRecord(
+                    prompt_index=prompt_index,
+                    candidate_index=index,
+                    completion=s.candidate.text,
+                    reward=s.reward,
+                    rank=s.rank,
+                    finish_reason=s.candidate.finish_reason,
+                    completion_tokens=len(s.candidate.token_ids),
+                    reward_truncated=s.reward_truncated,
+                )
+                for prompt_index, result in enumerate(results)
+                for index, s in enumerate(result.candidates)
+            ],
+        )
 
     @property
     def fingerprint(self) -> str:

@@ -61,3 +61,66 @@ def test_sigterm_flushes_the_queue(pair_gpt2_llama, tmp_path):
     logged = logged_ids(server.sample_log)
     assert sorted(set(logged)) == sorted(ids) and len(logged) == 32
     assert "candidate log flushed" in server.output()
+
+
+# The largest requests the API accepts: sixteen stop strings filling most of the 8 MiB body limit.
+HEAVY = {
+    "model": "gpt2_policy",
+    "prompt": "the cat",
+    "max_tokens": 4,
+    "best_of": 8,
+    "stop": [f"{i}" + "z" * 400_000 for i in range(16)],
+}
+
+
+def under_heavy_load(server, seconds: float, end) -> tuple[list[tuple[str, float]], float]:
+    """Four clients send HEAVY requests for `seconds`, then `end(server)` runs while they still do.
+    Returns (request id, time acknowledged) of every answered request, and the time `end` ran."""
+    acknowledged: list[tuple[str, float]] = []
+
+    async def client(stop: asyncio.Event):
+        async with httpx.AsyncClient(timeout=60) as http:
+            while not stop.is_set():
+                try:
+                    response = await http.post(f"{server.url}/v1/completions", json=HEAVY)
+                except httpx.HTTPError:
+                    return  # the server went away
+                if response.status_code == 200:
+                    acknowledged.append((response.json()["id"], time.monotonic()))
+
+    async def scenario() -> float:
+        stop = asyncio.Event()
+        clients = [asyncio.create_task(client(stop)) for _ in range(4)]
+        await asyncio.sleep(seconds)
+        ended = time.monotonic()
+        await asyncio.to_thread(end, server)
+        stop.set()
+        await asyncio.gather(*clients)
+        return ended
+
+    ended = asyncio.run(scenario())
+    return acknowledged, ended
+
+
+def test_kill_9_under_the_largest_payloads_loses_at_most_the_flush_interval(pair_gpt2_llama, tmp_path):
+    server = start_server(pair_gpt2_llama, tmp_path)
+    acknowledged, killed = under_heavy_load(server, 4.0, lambda s: stop_server(s, signal.SIGKILL))
+    logged = set(logged_ids(server.sample_log))
+    settled = [i for i, at in acknowledged if at < killed - 0.5]  # the promised flush interval
+    assert len(settled) >= 4, "too few requests answered to test anything"
+    assert [i for i in settled if i not in logged] == []
+
+
+def test_sigterm_under_the_largest_payloads_exits_soon_and_loses_nothing(pair_gpt2_llama, tmp_path):
+    server = start_server(pair_gpt2_llama, tmp_path)
+    timing = {}
+
+    def terminate(s):
+        start = time.monotonic()
+        stop_server(s, signal.SIGTERM)
+        timing["exit"] = time.monotonic() - start
+
+    acknowledged, _ = under_heavy_load(server, 3.0, terminate)
+    assert timing["exit"] < 10, timing
+    logged = set(logged_ids(server.sample_log))
+    assert acknowledged and [i for i, _ in acknowledged if i not in logged] == []

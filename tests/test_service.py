@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import json
 from pathlib import Path
 
 import pytest
@@ -161,3 +162,93 @@ def test_every_failure_has_a_status_and_retryable_ones_say_when():
     # The most specific class decides: ContextTooLong is an InvalidInput with its own code.
     body = failure_response(failures.ContextTooLong("too long", "prompt")).body
     assert b"context_length_exceeded" in body and b'"param":"prompt"' in body
+
+
+def test_each_request_stores_its_parameters_and_prompts_once(tokenizers, tmp_path):
+    import sqlite3
+
+    sample_log = SampleLog(tmp_path / "log.db", 0.1)
+    stops = tuple("z" * 1000 + str(i) for i in range(16))
+
+    async def scenario():
+        service = await make_service(tokenizers, FakeSampler(), FakeScorer(), sample_log)
+        prompts = [service.text_prompt("the cat"), service.text_prompt("a dog")]
+        await service.run(
+            "req-1", prompts, SamplingParams(max_tokens=4, stop=stops), n=1, best_of=8, log=True
+        )
+
+    asyncio.run(scenario())
+    sample_log.close()
+    db = sqlite3.connect(tmp_path / "log.db")
+    assert db.execute("SELECT COUNT(*) FROM requests").fetchone() == (1,)
+    assert db.execute("SELECT COUNT(*) FROM prompts").fetchone() == (2,)
+    assert db.execute("SELECT COUNT(*) FROM completions").fetchone() == (16,)
+    [(params,)] = db.execute("SELECT params FROM requests").fetchall()
+    assert json.loads(params)["stop"] == list(stops)
+    # Readers still see one whole row per candidate.
+    rows = read_records(tmp_path / "log.db")
+    assert len(rows) == 16 and all(r["params"]["stop"] == list(stops) for r in rows)
+    assert [r["prompt"] for r in rows] == ["the cat"] * 8 + ["a dog"] * 8
+
+
+def test_a_log_that_cannot_keep_up_refuses_instead_of_acknowledging(tmp_path):
+    import sqlite3
+
+    from server.log.sample_log import CompletionRecord, RequestRecord
+
+    def record(i: int) -> RequestRecord:
+        return RequestRecord(f"r{i}", {}, "p", "v", "rm", "v", float(i), [("x" * 5000, 1)], [
+            CompletionRecord(0, 0, "y", 0.0, 0, "stop", 1, False)
+        ])  # fmt: skip
+
+    sample_log = SampleLog(tmp_path / "log.db", 0.05, max_pending_bytes=12_000)
+    blocker = sqlite3.connect(tmp_path / "log.db", timeout=0)
+    blocker.execute("BEGIN EXCLUSIVE")  # the writer cannot commit: its queue stays full
+
+    async def scenario():
+        await sample_log.append_when_room(record(0), 0.2)  # an empty queue takes anything
+        await sample_log.append_when_room(record(1), 0.2)
+        with pytest.raises(failures.LogBehind):
+            await sample_log.append_when_room(record(2), 0.3)
+
+    asyncio.run(scenario())
+    blocker.rollback()
+    blocker.close()
+    sample_log.close()
+    assert [r["request_id"] for r in read_records(tmp_path / "log.db")] == ["r0", "r1"]
+
+
+def test_a_log_of_the_first_layout_is_migrated_and_reads_the_same(tmp_path):
+    import sqlite3
+
+    path = tmp_path / "old.db"
+    db = sqlite3.connect(path)
+    db.executescript(
+        """CREATE TABLE candidates (id INTEGER PRIMARY KEY, request_id TEXT, prompt_index INTEGER,
+        candidate_index INTEGER, prompt TEXT, completion TEXT, reward REAL, rank INTEGER,
+        finish_reason TEXT, policy TEXT, policy_version TEXT, reward_model TEXT,
+        reward_model_version TEXT, params TEXT, prompt_tokens INTEGER, completion_tokens INTEGER,
+        reward_truncated INTEGER, created REAL);
+        CREATE TABLE feedback (id INTEGER PRIMARY KEY, request_id TEXT, prompt_index INTEGER,
+        ranks TEXT, created REAL);"""
+    )
+    rows = [
+        ("a", 0, i, json.dumps("the cat"), f" c{i}", float(i), 1 - i, "stop", "/p", "v1", "/rm", "v2",
+         json.dumps({"best_of": 2}), 3, 2, 0, 10.0)
+        for i in range(2)
+    ]  # fmt: skip
+    columns = "request_id, prompt_index, candidate_index, prompt, completion, reward, rank, finish_reason, "
+    columns += "policy, policy_version, reward_model, reward_model_version, params, prompt_tokens, "
+    columns += "completion_tokens, reward_truncated, created"
+    db.executemany(f"INSERT INTO candidates ({columns}) VALUES ({', '.join('?' * 17)})", rows)
+    db.commit()
+    db.close()
+    records = read_records(path)
+    assert [(r["completion"], r["reward"], r["rank"], r["prompt"], r["params"]) for r in records] == [
+        (" c0", 0.0, 1, "the cat", {"best_of": 2}),
+        (" c1", 1.0, 0, "the cat", {"best_of": 2}),
+    ]
+    kind = (
+        sqlite3.connect(path).execute("SELECT type FROM sqlite_master WHERE name = 'candidates'").fetchone()
+    )
+    assert kind == ("view",)

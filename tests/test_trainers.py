@@ -10,7 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from server.engines.hf.models import load_reward_model
-from server.log.sample_log import CandidateRecord, SampleLog
+from server.log.sample_log import CompletionRecord, RequestRecord, SampleLog
 from trainers.data import DataError, PreferenceGroup, SFTExample, load_preferences, preference_group
 from trainers.engine import TrainArgs, make_accelerator, publish
 from trainers.losses import IGNORE, bradley_terry_loss, completion_loss, reward_centering
@@ -135,14 +135,11 @@ def test_shrink_moves_weights_toward_a_fresh_init_and_keeps_norms(models, arch):
 def _log(path, rows):
     log = SampleLog(path)
     for request_id, prompt, completions, rewards, created in rows:
-        log.append(
-            [
-                CandidateRecord(
-                    request_id, 0, i, prompt, c, r, 0, "stop", "p", "v", "rm", "v", {}, 3, 2, False, created
-                )
-                for i, (c, r) in enumerate(zip(completions, rewards, strict=True))
-            ]
-        )
+        candidates = [
+            CompletionRecord(0, i, c, r, 0, "stop", 2, False)
+            for i, (c, r) in enumerate(zip(completions, rewards, strict=True))
+        ]
+        log.append(RequestRecord(request_id, {}, "p", "v", "rm", "v", created, [(prompt, 3)], candidates))
     log.close()
 
 

@@ -43,6 +43,7 @@ FAILURES: dict[type[failures.Failure], tuple[int, str, bool]] = {
     failures.NotReady: (503, "not_ready", True),
     failures.EngineStopped: (503, "shutting_down", False),
     failures.EngineDead: (503, "engine_dead", False),
+    failures.LogBehind: (503, "log_behind", True),
 }
 
 

@@ -3,49 +3,73 @@
 SQLite in WAL mode with synchronous=NORMAL: a committed transaction survives the process being
 killed (kill -9) and the file is never left corrupt; only an OS crash or power loss can drop the
 last transactions. One writer thread drains a queue and commits at least every `flush_interval`
-seconds, so a crash loses at most that much. `close()` (on SIGTERM, via the server's shutdown)
-writes everything still queued before returning.
+seconds. `close()` (on SIGTERM, via the server's shutdown) writes everything still queued.
+
+What a request shares is stored once: its sampling parameters and model identities in
+`requests`, each prompt in `prompts`, and only what differs per candidate in `completions`. The
+view `candidates` joins them back into one row per candidate, the shape readers (RAFT, export,
+ad-hoc SQL) see. The queue is bounded in bytes (`max_pending_bytes`): a server waits for room
+before it answers (`append_when_room`), so what it has acknowledged is never more than the writer
+can commit within the flush interval, whatever the payload.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import queue
 import sqlite3
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from server import metrics
+from server.failures import LogBehind
 
 log = logging.getLogger(__name__)
 
 SCHEMA = """
-CREATE TABLE IF NOT EXISTS candidates (
-    id INTEGER PRIMARY KEY,
-    request_id TEXT NOT NULL,
-    prompt_index INTEGER NOT NULL,    -- which prompt of a multi-prompt request
-    candidate_index INTEGER NOT NULL, -- sampling order within its prompt
-    prompt TEXT NOT NULL,             -- JSON: a string, or the chat messages list
-    completion TEXT NOT NULL,
-    reward REAL NOT NULL,
-    rank INTEGER NOT NULL,            -- 0 = best of its prompt
-    finish_reason TEXT NOT NULL,
+CREATE TABLE IF NOT EXISTS requests (
+    request_id TEXT PRIMARY KEY,
+    params TEXT NOT NULL,             -- JSON sampling parameters
     policy TEXT NOT NULL,
     policy_version TEXT NOT NULL,
     reward_model TEXT NOT NULL,
     reward_model_version TEXT NOT NULL,
-    params TEXT NOT NULL,             -- JSON sampling parameters
-    prompt_tokens INTEGER NOT NULL,
-    completion_tokens INTEGER NOT NULL,
-    reward_truncated INTEGER NOT NULL,
     created REAL NOT NULL             -- unix time, seconds
 );
-CREATE INDEX IF NOT EXISTS candidates_request ON candidates (request_id);
-CREATE INDEX IF NOT EXISTS candidates_created ON candidates (created);
+CREATE TABLE IF NOT EXISTS prompts (
+    request_id TEXT NOT NULL,
+    prompt_index INTEGER NOT NULL,    -- which prompt of a multi-prompt request
+    prompt TEXT NOT NULL,             -- JSON: a string, or the chat messages list
+    prompt_tokens INTEGER NOT NULL,
+    PRIMARY KEY (request_id, prompt_index)
+);
+CREATE TABLE IF NOT EXISTS completions (
+    id INTEGER PRIMARY KEY,
+    request_id TEXT NOT NULL,
+    prompt_index INTEGER NOT NULL,
+    candidate_index INTEGER NOT NULL, -- sampling order within its prompt
+    completion TEXT NOT NULL,
+    reward REAL NOT NULL,
+    rank INTEGER NOT NULL,            -- 0 = best of its prompt
+    finish_reason TEXT NOT NULL,
+    completion_tokens INTEGER NOT NULL,
+    reward_truncated INTEGER NOT NULL,
+    created REAL NOT NULL             -- the request's, repeated for the time-window index
+);
+CREATE INDEX IF NOT EXISTS completions_request ON completions (request_id);
+CREATE INDEX IF NOT EXISTS completions_created ON completions (created);
+CREATE VIEW IF NOT EXISTS candidates AS
+SELECT c.id, c.request_id, c.prompt_index, c.candidate_index, p.prompt, c.completion, c.reward,
+       c.rank, c.finish_reason, r.policy, r.policy_version, r.reward_model, r.reward_model_version,
+       r.params, p.prompt_tokens, c.completion_tokens, c.reward_truncated, c.created
+FROM completions c
+JOIN prompts p ON p.request_id = c.request_id AND p.prompt_index = c.prompt_index
+JOIN requests r ON r.request_id = c.request_id;
 CREATE TABLE IF NOT EXISTS feedback (
     id INTEGER PRIMARY KEY,
     request_id TEXT NOT NULL,
@@ -55,36 +79,109 @@ CREATE TABLE IF NOT EXISTS feedback (
 );
 """
 
+# A log written before prompts and parameters were stored once had `candidates` as a table.
+MIGRATION = """
+ALTER TABLE candidates RENAME TO candidates_v1;
+{schema}
+INSERT INTO requests SELECT request_id, params, policy, policy_version, reward_model,
+    reward_model_version, MIN(created) FROM candidates_v1 GROUP BY request_id;
+INSERT INTO prompts SELECT request_id, prompt_index, prompt, prompt_tokens
+    FROM candidates_v1 GROUP BY request_id, prompt_index;
+INSERT INTO completions (request_id, prompt_index, candidate_index, completion, reward, rank,
+    finish_reason, completion_tokens, reward_truncated, created)
+    SELECT request_id, prompt_index, candidate_index, completion, reward, rank, finish_reason,
+    completion_tokens, reward_truncated, created FROM candidates_v1 ORDER BY id;
+DROP TABLE candidates_v1;
+"""
+
+# The columns of one candidate as `read_records` returns it (the `candidates` view, less its id).
+COLUMNS = (
+    "request_id",
+    "prompt_index",
+    "candidate_index",
+    "prompt",
+    "completion",
+    "reward",
+    "rank",
+    "finish_reason",
+    "policy",
+    "policy_version",
+    "reward_model",
+    "reward_model_version",
+    "params",
+    "prompt_tokens",
+    "completion_tokens",
+    "reward_truncated",
+    "created",
+)
+
 
 @dataclass
-class CandidateRecord:
-    request_id: str
+class CompletionRecord:
+    """What differs from one candidate of a prompt to the next."""
+
     prompt_index: int
     candidate_index: int
-    prompt: str | list[dict[str, Any]]
     completion: str
     reward: float
     rank: int
     finish_reason: str
+    completion_tokens: int
+    reward_truncated: bool
+
+
+@dataclass
+class RequestRecord:
+    """One request's candidates, with what they share stored once."""
+
+    request_id: str
+    params: dict[str, Any]
     policy: str
     policy_version: str
     reward_model: str
     reward_model_version: str
-    params: dict[str, Any]
-    prompt_tokens: int
-    completion_tokens: int
-    reward_truncated: bool
     created: float
+    prompts: list[tuple[str | list[dict[str, Any]], int]]  # (prompt, prompt_tokens) by prompt_index
+    completions: list[CompletionRecord]
+    # Encoded once, when the record is made: its size bounds the queue.
+    _params_json: str = field(init=False, repr=False)
+    _prompts_json: list[str] = field(init=False, repr=False)
 
-    def row(self) -> tuple:
-        values = asdict(self)
-        values["prompt"] = json.dumps(self.prompt)
-        values["params"] = json.dumps(self.params)
-        values["reward_truncated"] = int(self.reward_truncated)
-        return tuple(values[name] for name in COLUMNS)
+    def __post_init__(self):
+        self._params_json = json.dumps(self.params)
+        self._prompts_json = [json.dumps(prompt) for prompt, _ in self.prompts]
 
+    @property
+    def size(self) -> int:
+        """Roughly the bytes it will write."""
+        texts = [self._params_json, *self._prompts_json, *(c.completion for c in self.completions)]
+        return sum(len(t) for t in texts) + 64 * len(self.completions)
 
-COLUMNS = tuple(CandidateRecord.__dataclass_fields__)
+    def write(self, connection: sqlite3.Connection) -> None:
+        connection.execute(
+            "INSERT INTO requests VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (self.request_id, self._params_json, self.policy, self.policy_version, self.reward_model,
+             self.reward_model_version, self.created),
+        )  # fmt: skip
+        connection.executemany(
+            "INSERT INTO prompts VALUES (?, ?, ?, ?)",
+            [
+                (self.request_id, index, text, tokens)
+                for index, (text, (_, tokens)) in enumerate(
+                    zip(self._prompts_json, self.prompts, strict=True)
+                )
+            ],
+        )
+        connection.executemany(
+            "INSERT INTO completions (request_id, prompt_index, candidate_index, completion, reward, "
+            "rank, finish_reason, completion_tokens, reward_truncated, created) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [
+                (self.request_id, c.prompt_index, c.candidate_index, c.completion, c.reward, c.rank,
+                 c.finish_reason, c.completion_tokens, int(c.reward_truncated), self.created)
+                for c in self.completions
+            ],
+        )  # fmt: skip
 
 
 @dataclass
@@ -98,11 +195,29 @@ class FeedbackRecord:
 
 
 def connect(path: Path) -> sqlite3.Connection:
-    """Open (creating if needed) a candidate log in WAL mode."""
+    """Open (creating, or migrating from the first layout, if needed) a candidate log in WAL mode."""
     connection = sqlite3.connect(path, check_same_thread=False)
     connection.execute("PRAGMA journal_mode=WAL")
     connection.execute("PRAGMA synchronous=NORMAL")
-    connection.executescript(SCHEMA)
+    kind = connection.execute("SELECT type FROM sqlite_master WHERE name = 'candidates'").fetchone()
+    if kind == ("table",):
+        log.info("migrating candidate log %s: prompts and parameters stored once per request", path)
+        connection.executescript(f"BEGIN; {MIGRATION.format(schema=SCHEMA)} COMMIT;")
+    else:
+        connection.executescript(SCHEMA)
+    return connection
+
+
+def _read_only(path: Path) -> sqlite3.Connection:
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"no candidate log at {path}")
+    connection = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    kind = connection.execute("SELECT type FROM sqlite_master WHERE name = 'candidates'").fetchone()
+    if kind == ("table",):  # a log of the first layout: migrated (once) before it is read
+        connection.close()
+        connect(path).close()
+        connection = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    connection.row_factory = sqlite3.Row
     return connection
 
 
@@ -114,10 +229,7 @@ def read_records(
     The window is applied in SQL (the created index), so a RAFT run reads its window, not the
     whole history of the log.
     """
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"no candidate log at {path}")
-    connection = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-    connection.row_factory = sqlite3.Row
+    connection = _read_only(path)
     try:
         rows = connection.execute(
             f"SELECT {', '.join(COLUMNS)} FROM candidates WHERE created > ? AND created <= ? ORDER BY id",
@@ -137,7 +249,7 @@ def read_records(
 
 def read_feedback(path: Path) -> list[dict[str, Any]]:
     """Every feedback row with its request's candidates (in candidate order) attached."""
-    connection = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    connection = _read_only(path)
     try:
         feedback = connection.execute(
             "SELECT request_id, prompt_index, ranks FROM feedback ORDER BY id"
@@ -163,25 +275,43 @@ def read_feedback(path: Path) -> list[dict[str, Any]]:
 
 
 class SampleLog:
-    """Queue-fed SQLite writer; `append` never blocks the request path on disk.
+    """Queue-fed SQLite writer; appending never waits on the disk.
 
-    Queue items: a list of one request's records (committed together, never split), a
-    FeedbackRecord, a threading.Event (a flush barrier, set once everything before it is
-    committed), or None (stop).
+    Queue items: a RequestRecord (committed whole, never split), a FeedbackRecord, a
+    threading.Event (a flush barrier, set once everything before it is committed), or None (stop).
     """
 
-    def __init__(self, path: Path, flush_interval: float = 0.5):
+    def __init__(self, path: Path, flush_interval: float = 0.5, max_pending_bytes: int = 64 * 2**20):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._flush_interval = flush_interval
+        self._max_pending_bytes = max_pending_bytes
+        self._pending_bytes = 0  # queued and not yet committed
+        self._pending_lock = threading.Lock()
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._connection = connect(self.path)
         self._thread = threading.Thread(target=self._write_loop, name="bon-sample-log", daemon=True)
         self._thread.start()
 
-    def append(self, records: list[CandidateRecord]) -> None:
-        self._queue.put(records)
-        metrics.LOG_QUEUE.inc(len(records))
+    def append(self, request: RequestRecord) -> None:
+        """Queue a request's candidates, however full the queue is (offline writers, tests)."""
+        with self._pending_lock:
+            self._pending_bytes += request.size
+        self._queue.put(request)
+        metrics.LOG_QUEUE.inc(len(request.completions))
+
+    async def append_when_room(self, request: RequestRecord, wait_seconds: float) -> None:
+        """Queue a request's candidates once the queue has room for them; LogBehind if it has none
+        within `wait_seconds` (the request then fails rather than being acknowledged unlogged)."""
+        deadline = time.monotonic() + wait_seconds
+        while self._pending_bytes and self._pending_bytes + request.size > self._max_pending_bytes:
+            if time.monotonic() > deadline:
+                raise LogBehind(
+                    f"the candidate log is {self._pending_bytes} bytes behind and cannot take this "
+                    f"request's {request.size} in time; retry shortly"
+                )
+            await asyncio.sleep(0.01)
+        self.append(request)
 
     def append_feedback(self, feedback: FeedbackRecord) -> None:
         self._queue.put(feedback)
@@ -198,7 +328,7 @@ class SampleLog:
         connection = sqlite3.connect(self.path)
         try:
             rows = connection.execute(
-                "SELECT prompt_index, COUNT(*) FROM candidates WHERE request_id = ? GROUP BY prompt_index",
+                "SELECT prompt_index, COUNT(*) FROM completions WHERE request_id = ? GROUP BY prompt_index",
                 (request_id,),
             ).fetchall()
         finally:
@@ -213,6 +343,7 @@ class SampleLog:
 
     def _write_loop(self) -> None:
         pending: list = []
+        pending_bytes = 0
         barriers: list[threading.Event] = []
         deadline = time.monotonic() + self._flush_interval
         stopping = False
@@ -225,12 +356,14 @@ class SampleLog:
                     barriers.append(item)
                 else:
                     pending.append(item)
+                    pending_bytes += item.size if isinstance(item, RequestRecord) else 0
             except queue.Empty:
                 pass
-            due = stopping or barriers or time.monotonic() >= deadline or len(pending) >= 1024
+            # Big payloads commit early: a commit never has more than a few MB to write.
+            due = stopping or barriers or time.monotonic() >= deadline or pending_bytes >= 4 * 2**20
             if pending and due:
                 self._commit(pending)
-                pending = []
+                pending, pending_bytes = [], 0
             for barrier in barriers:
                 barrier.set()
             barriers = []
@@ -238,22 +371,22 @@ class SampleLog:
                 deadline = time.monotonic() + self._flush_interval
 
     def _commit(self, items: list) -> None:
-        requests = [i for i in items if isinstance(i, list)]
+        requests = [i for i in items if isinstance(i, RequestRecord)]
         feedback = [i for i in items if isinstance(i, FeedbackRecord)]
-        records = [r.row() for request in requests for r in request]
-        placeholders = ", ".join("?" for _ in COLUMNS)
+        candidates = sum(len(r.completions) for r in requests)
         try:
             with self._connection:  # one transaction: all of these or none
-                self._connection.executemany(
-                    f"INSERT INTO candidates ({', '.join(COLUMNS)}) VALUES ({placeholders})", records
-                )
+                for request in requests:
+                    request.write(self._connection)
                 self._connection.executemany(
                     "INSERT INTO feedback (request_id, prompt_index, ranks, created) VALUES (?, ?, ?, ?)",
                     [(f.request_id, f.prompt_index, json.dumps(f.ranks), f.created) for f in feedback],
                 )
-            metrics.LOG_WRITTEN.inc(len(records))
+            metrics.LOG_WRITTEN.inc(candidates)
         except sqlite3.Error:
-            log.exception("candidate log write failed; %d records lost", len(records))
+            log.exception("candidate log write failed; %d candidates lost", candidates)
             metrics.LOG_ERRORS.inc()
         finally:
-            metrics.LOG_QUEUE.dec(len(records))
+            metrics.LOG_QUEUE.dec(candidates)
+            with self._pending_lock:
+                self._pending_bytes -= sum(r.size for r in requests)
