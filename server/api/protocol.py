@@ -158,6 +158,12 @@ class _Sampling(_Request):
 
 
 class CompletionRequest(_Sampling):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [{"model": "MODEL", "prompt": "the cat", "max_tokens": 8, "best_of": 4}]
+        }
+    )
+
     prompt: str | list[str]
 
     @field_validator("prompt", mode="before")
@@ -181,6 +187,12 @@ class CompletionRequest(_Sampling):
 
 
 class ChatCompletionRequest(_Sampling):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [{"model": "MODEL", "messages": [{"role": "user", "content": "hi"}], "best_of": 4}]
+        }
+    )
+
     messages: list[ChatMessage] = Field(min_length=1)
     # The chat API's newer name for max_tokens; either may be given.
     max_completion_tokens: int | None = Field(None, ge=1)
@@ -203,6 +215,15 @@ class ScorePair(BaseModel):
 
 class ScoreRequest(_Request):
     """Either one prompt with several responses, or a batch of unrelated (prompt, response) pairs."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {"prompt": "2 + 3 =", "responses": [" 5", " 6"]},
+                {"pairs": [{"prompt": "the cat", "response": " runs"}]},
+            ]
+        }
+    )
 
     model: str | None = None
     prompt: Text | list[ChatMessage] | None = None

@@ -1,42 +1,201 @@
-"""OpenAI response bodies (plus bon's `reward` and `candidates`) from best-of-N results."""
+"""Response bodies, typed: OpenAI's (plus bon's `reward` and `candidates`), bon's own, and errors.
+
+The routes declare these as their response models, so /openapi.json describes what is sent.
+Optional fields a request did not ask for (`candidates`) are left unset and so left out.
+"""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
+from typing import Literal
+
+from pydantic import BaseModel
 
 from server.service import BestOfNResult
 
+FinishReason = Literal["stop", "length"]
 
-def _usage(results: list[BestOfNResult]) -> dict[str, int]:
+
+class ErrorBody(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorEnvelope(BaseModel):
+    """Every error, whatever its status: OpenAI's envelope."""
+
+    error: ErrorBody
+
+
+class Usage(BaseModel):
     """Each prompt counted once; every candidate's tokens counted, returned or not."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CandidateOut(BaseModel):
+    """One sampled candidate (with `return_candidates`), in sampling order."""
+
+    prompt_index: int
+    index: int
+    text: str
+    reward: float
+    finish_reason: FinishReason
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: None = None
+    finish_reason: FinishReason
+    reward: float  # the reward model's raw logit
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    system_fingerprint: str  # bon-<policy version>-<reward model version>
+    choices: list[CompletionChoice]
+    usage: Usage
+    candidates: list[CandidateOut] | None = None
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"]
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    logprobs: None = None
+    finish_reason: FinishReason
+    reward: float
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    system_fingerprint: str
+    choices: list[ChatChoice]
+    usage: Usage
+    candidates: list[CandidateOut] | None = None
+
+
+class CompletionChunk(BaseModel):
+    """The one event of a streamed completion (`stream: true`, best_of 1), before `[DONE]`."""
+
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    system_fingerprint: str
+    choices: list[CompletionChoice]
+    candidates: list[CandidateOut] | None = None
+
+
+class ChatDelta(BaseModel):
+    role: Literal["assistant"]
+    content: str
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: ChatDelta
+    finish_reason: FinishReason
+    reward: float
+
+
+class ChatCompletionChunk(BaseModel):
+    """The one event of a streamed chat completion, before `[DONE]`."""
+
+    id: str
+    object: Literal["chat.completion.chunk"]
+    created: int
+    model: str
+    system_fingerprint: str
+    choices: list[ChatChunkChoice]
+    candidates: list[CandidateOut] | None = None
+
+
+class ScoreItem(BaseModel):
+    index: int
+    reward: float
+
+
+class ScoreResponse(BaseModel):
+    object: Literal["list"]
+    model: str
+    reward_model: str
+    data: list[ScoreItem]  # in input order
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+    root: str  # the policy directory
+    policy_version: str
+    reward_model: str
+    reward_model_version: str
+
+
+class ModelList(BaseModel):
+    object: Literal["list"]
+    data: list[ModelCard]
+
+
+class FeedbackResponse(BaseModel):
+    object: Literal["feedback"]
+    request_id: str
+    pairs: int  # comparisons stored
+
+
+class LoadedCheckpoint(BaseModel):
+    path: str
+    version: str
+
+
+class ReloadResponse(BaseModel):
+    policy: LoadedCheckpoint
+    reward_model: LoadedCheckpoint
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+
+
+class Ready(BaseModel):
+    status: Literal["ready"]
+
+
+def _usage(results: list[BestOfNResult]) -> Usage:
     prompt = sum(len(r.prompt.token_ids) for r in results)
     completion = sum(r.completion_tokens for r in results)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
 
 
-def _candidates(results: list[BestOfNResult]) -> list[dict]:
+def _candidates(results: list[BestOfNResult]) -> list[CandidateOut]:
     return [
-        {
-            "prompt_index": p,
-            "index": i,
-            "text": s.candidate.text,
-            "reward": s.reward,
-            "finish_reason": s.candidate.finish_reason,
-        }
+        CandidateOut(
+            prompt_index=p,
+            index=i,
+            text=s.candidate.text,
+            reward=s.reward,
+            finish_reason=s.candidate.finish_reason,
+        )
         for p, result in enumerate(results)
         for i, s in enumerate(result.candidates)
     ]
-
-
-def _envelope(kind: str, request_id: str, created: int, model: str, fingerprint: str) -> dict:
-    return {
-        "id": request_id,
-        "object": kind,
-        "created": created,
-        "model": model,
-        "system_fingerprint": fingerprint,
-    }
 
 
 def completion_body(
@@ -47,63 +206,80 @@ def completion_body(
     results: list[BestOfNResult],
     n: int,
     with_candidates: bool,
-) -> dict:
+) -> CompletionResponse:
     choices = [
-        {
-            "index": p * n + j,
-            "text": result.candidates[c].candidate.text,
-            "logprobs": None,
-            "finish_reason": result.candidates[c].candidate.finish_reason,
-            "reward": result.candidates[c].reward,
-        }
+        CompletionChoice(
+            index=p * n + j,
+            text=result.candidates[c].candidate.text,
+            logprobs=None,
+            finish_reason=result.candidates[c].candidate.finish_reason,
+            reward=result.candidates[c].reward,
+        )
         for p, result in enumerate(results)
         for j, c in enumerate(result.chosen)
     ]
-    body = _envelope("text_completion", request_id, created, model, fingerprint)
-    body.update(choices=choices, usage=_usage(results))
+    body = CompletionResponse(
+        id=request_id,
+        object="text_completion",
+        created=created,
+        model=model,
+        system_fingerprint=fingerprint,
+        choices=choices,
+        usage=_usage(results),
+    )
     if with_candidates:
-        body["candidates"] = _candidates(results)
+        body.candidates = _candidates(results)
     return body
 
 
 def chat_body(
     request_id: str, created: int, model: str, fingerprint: str, result: BestOfNResult, with_candidates: bool
-) -> dict:
+) -> ChatCompletionResponse:
     choices = [
-        {
-            "index": j,
-            "message": {"role": "assistant", "content": result.candidates[c].candidate.text},
-            "logprobs": None,
-            "finish_reason": result.candidates[c].candidate.finish_reason,
-            "reward": result.candidates[c].reward,
-        }
+        ChatChoice(
+            index=j,
+            message=AssistantMessage(role="assistant", content=result.candidates[c].candidate.text),
+            logprobs=None,
+            finish_reason=result.candidates[c].candidate.finish_reason,
+            reward=result.candidates[c].reward,
+        )
         for j, c in enumerate(result.chosen)
     ]
-    body = _envelope("chat.completion", request_id, created, model, fingerprint)
-    body.update(choices=choices, usage=_usage([result]))
+    body = ChatCompletionResponse(
+        id=request_id,
+        object="chat.completion",
+        created=created,
+        model=model,
+        system_fingerprint=fingerprint,
+        choices=choices,
+        usage=_usage([result]),
+    )
     if with_candidates:
-        body["candidates"] = _candidates([result])
+        body.candidates = _candidates([result])
     return body
 
 
-def as_stream(body: dict) -> Iterator[str]:
+def as_stream(body: CompletionResponse | ChatCompletionResponse) -> Iterator[str]:
     """A finished single-candidate response as server-sent events: one chunk, then [DONE].
 
-    Streaming is allowed only with best_of == 1, and the transformers engine decodes a whole batch
-    before answering, so the text arrives in one chunk; clients that stream still work unchanged.
+    Streaming is allowed only with best_of == 1, and the best candidate is known only once it is
+    scored, so the text arrives in one chunk; clients that stream still work unchanged.
     """
-    chunk = dict(body)
-    chunk.pop("usage", None)
-    if body["object"] == "chat.completion":
-        chunk["object"] = "chat.completion.chunk"
-        chunk["choices"] = [
-            {
-                "index": c["index"],
-                "delta": c["message"],
-                "finish_reason": c["finish_reason"],
-                "reward": c["reward"],
-            }
-            for c in body["choices"]
+    common = body.model_dump(
+        include={"id", "created", "model", "system_fingerprint", "candidates"}, exclude_unset=True
+    )
+    if isinstance(body, ChatCompletionResponse):
+        choices = [
+            ChatChunkChoice(
+                index=c.index,
+                delta=ChatDelta(role="assistant", content=c.message.content),
+                finish_reason=c.finish_reason,
+                reward=c.reward,
+            )
+            for c in body.choices
         ]
-    yield f"data: {json.dumps(chunk)}\n\n"
+        chunk = ChatCompletionChunk(object="chat.completion.chunk", choices=choices, **common)
+    else:
+        chunk = CompletionChunk(object="text_completion", choices=body.choices, **common)
+    yield f"data: {chunk.model_dump_json(exclude_unset=True)}\n\n"
     yield "data: [DONE]\n\n"
