@@ -30,6 +30,8 @@ import torch
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
+from server.threads import apply_torch_threads
+
 PROMPTS = [
     "the cat runs and",
     "one two three",
@@ -203,8 +205,9 @@ def main() -> None:
     parser.add_argument(
         "--threads",
         type=int,
-        default=torch.get_num_threads(),
-        help="torch intra-op threads, the same for the server and the baseline",
+        default=0,
+        help="torch intra-op threads, the same for the server and the baseline; 0: bon's default "
+        "(half the cores)",
     )
     parser.add_argument(
         "--engine",
@@ -213,7 +216,7 @@ def main() -> None:
     )
     parser.add_argument("--output", type=Path, default=Path("bench-results/load.json"))
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    args.threads = apply_torch_threads(args.threads)
 
     sides = {"bon": run_server(args, args.requests, "transformers")}
     if args.engine == "vllm":

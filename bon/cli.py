@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from importlib.metadata import version
 from pathlib import Path
 
 from pydantic import ValidationError
@@ -56,10 +57,9 @@ def _serve(args: argparse.Namespace) -> int:
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     logging.getLogger(__name__).info("configuration: %s", settings.redacted())
-    if settings.torch_threads:
-        import torch
+    from server.threads import apply_torch_threads
 
-        torch.set_num_threads(settings.torch_threads)
+    apply_torch_threads(settings.torch_threads)
     try:
         policy = read_policy(settings.policy)
         reward_model = read_reward_model(settings.reward_model)
@@ -116,7 +116,22 @@ def _train(args: argparse.Namespace) -> int:
     import importlib
     import json
 
-    summary = importlib.import_module(TRAINERS[args.method]).main(args.rest)
+    from server.failures import Failure
+    from trainers.data import RecipeError
+
+    if args.method is None:
+        methods = ", ".join(f"{m} ({TRAINERS[m]})" for m in sorted(TRAINERS))
+        wanted_help = {"-h", "--help"} & set(args.rest)
+        print(f"usage: bon train METHOD [flags]; METHOD is one of: {methods}; `bon train METHOD --help`",
+              file=sys.stdout if wanted_help else sys.stderr)  # fmt: skip
+        return 0 if wanted_help else 2
+    logging.basicConfig(level=logging.INFO, format=f"bon train {args.method}: %(message)s")
+    try:
+        summary = importlib.import_module(TRAINERS[args.method]).main(args.rest)
+    except (RecipeError, Failure, OSError) as error:
+        # A user's mistake (a file, a row, a flag, a directory): one line, no traceback.
+        print(f"bon train {args.method}: {error}", file=sys.stderr)
+        return 2
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -130,6 +145,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bon", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"bon {version('bon')}")
     commands = parser.add_subparsers(dest="command", required=True)
     _add_serve(commands)
     commands.choices["serve"].set_defaults(func=_serve)
@@ -149,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="train a policy (sft), a reward model (rm) or RAFT; `bon train METHOD --help`",
         add_help=False,
     )
-    train.add_argument("method", choices=sorted(TRAINERS))
+    train.add_argument("method", nargs="?", choices=sorted(TRAINERS))
     train.set_defaults(func=_train, passes_through=True)
 
     demo = commands.add_parser(

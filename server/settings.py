@@ -31,7 +31,7 @@ class Settings(BaseSettings):
         "auto", description="Weights dtype; auto keeps the checkpoint's."
     )
     torch_threads: int = Field(
-        0, ge=0, description="Intra-op CPU threads for torch; 0 keeps torch's default (all cores)."
+        0, ge=0, description="Intra-op CPU threads for torch; 0 means half the cores (server/threads.py)."
     )
     host: str = Field("127.0.0.1", description="Bind address; loopback unless asked otherwise.")
     port: int = Field(8000, ge=0, le=65535)

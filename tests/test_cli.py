@@ -132,3 +132,106 @@ def test_the_committed_default_pair_serves(tmp_path):
         stop_server(server)
     # Greedy decoding of the trained policy: its first choice is a digit, not random bytes.
     assert response["choices"][0]["text"].strip().isdigit(), response
+
+
+def bon(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "bon", *args], capture_output=True, text=True, timeout=timeout
+    )
+
+
+def fails_cleanly(result: subprocess.CompletedProcess, *says: str) -> None:
+    """Exit 2, one line naming the problem, no traceback."""
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    for text in says:
+        assert text in result.stderr, result.stderr
+
+
+def test_trainer_mistakes_are_one_line_not_a_traceback(models, tmp_path):
+    good = tmp_path / "good.jsonl"
+    good.write_text(json.dumps({"prompt": "a", "completion": " b"}) + "\n")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": "a", "completion": " b"}) + "\n{not json\n")
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text(
+        json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]})
+    )
+    base, out = str(models["gpt2_policy"]), str(tmp_path / "out")
+    fails_cleanly(
+        bon("train", "sft", "--base", base, "--data", str(bad), "--output", out), f"{bad}:2", "not JSON"
+    )
+    missing = str(tmp_path / "none.jsonl")
+    fails_cleanly(bon("train", "sft", "--base", base, "--data", missing, "--output", out), "no such file")
+    fails_cleanly(
+        bon("train", "sft", "--base", str(tmp_path), "--data", str(good), "--output", out), "--base"
+    )
+    fails_cleanly(bon("train", "sft", "--base", base, "--data", str(good), "--output", str(tmp_path)),
+                  "already exists")  # fmt: skip
+    # The GPT-2 RM directory's tokenizer has no chat template.
+    plain = str(models["gpt2_rm_plain"])
+    fails_cleanly(
+        bon("train", "sft", "--base", plain, "--data", str(chat), "--output", out), "no chat template"
+    )
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"question": "no prompt field"}) + "\n")
+    rm = str(models["llama_rm"])
+    raft = bon(
+        "train", "raft", "--policy", base, "--prompts", str(prompts), "--reward-model", rm, "--output", out
+    )
+    fails_cleanly(raft, f"{prompts}:1", "'prompt'")
+    assert not (tmp_path / "out").exists()
+
+
+def test_help_version_defaults_and_required_flags():
+    assert bon("--version").stdout.startswith("bon ")
+    listing = bon("train", "--help")
+    assert listing.returncode == 0 and all(m in listing.stdout for m in ("sft", "rm", "raft"))
+    sft = bon("train", "sft", "--help").stdout
+    assert "required:" in sft and "--base BASE" in sft.split("required:")[1].split("training:")[0]
+    assert "(default: 1)" in sft and "--torch-threads" in sft
+
+
+def test_recipes_report_their_data_and_end_with_one_summary_shape(models, tmp_path):
+    data = tmp_path / "sft.jsonl"
+    data.write_text(
+        "".join(json.dumps({"prompt": f"{i} +1 =", "completion": f" {i + 1}"}) + "\n" for i in range(6))
+    )
+    base, out = str(models["gpt2_policy"]), str(tmp_path / "sft")
+    flags = ["--batch-size", "2", "--max-length", "16", "--torch-threads", "1"]
+    result = bon("train", "sft", "--base", base, "--data", str(data), "--output", out, *flags)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "read 6 examples" in result.stderr
+    summary = json.loads(result.stdout[result.stdout.index("{") :])
+    assert set(summary) == {"recipe", "output", "data", "result"} and summary["data"]["examples"] == 6
+
+
+def test_raft_warns_when_it_keeps_the_best_of_bad_candidates(models, tmp_path):
+    from server.log.sample_log import CompletionRecord, RequestRecord, SampleLog
+
+    log = SampleLog(tmp_path / "log.db")
+    for i, rewards in enumerate([[5.0, 4.0], [-3.0, -4.0], [6.0, 5.5]]):
+        completions = [
+            CompletionRecord(0, j, f" c{j}", r, j, "stop", 2, False) for j, r in enumerate(rewards)
+        ]
+        log.append(
+            RequestRecord(f"r{i}", {}, "p", "v", "rm", "v", 10.0 + i, [(f"prompt {i}", 3)], completions)
+        )
+    log.close()
+    source = [
+        "train",
+        "raft",
+        "--policy",
+        str(models["gpt2_policy"]),
+        "--sample-log",
+        str(tmp_path / "log.db"),
+    ]
+    warned = bon(*source, "--output", str(tmp_path / "raft"), "--max-length", "16", "--batch-size", "2")
+    assert warned.returncode == 0, warned.stderr[-2000:]
+    assert (
+        "1 of the 3 kept samples score below the median" in warned.stderr and "--min-reward" in warned.stderr
+    )
+    quiet = bon(*source, "--output", str(tmp_path / "raft2"), "--min-reward", "0", "--max-length", "16")
+    assert quiet.returncode == 0 and "below the median" not in quiet.stderr
+    summary = json.loads(quiet.stdout[quiet.stdout.index("{") :])
+    assert summary["data"]["samples_kept"] == 2 and summary["data"]["samples_seen"] == 6

@@ -11,7 +11,14 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 from server.engines.hf.models import load_reward_model
 from server.log.sample_log import CompletionRecord, RequestRecord, SampleLog
-from trainers.data import DataError, PreferenceGroup, SFTExample, load_preferences, preference_group
+from trainers.data import (
+    DataError,
+    PreferenceGroup,
+    RecipeError,
+    SFTExample,
+    load_preferences,
+    preference_group,
+)
 from trainers.engine import TrainArgs, make_accelerator, publish
 from trainers.losses import IGNORE, bradley_terry_loss, completion_loss, reward_centering
 from trainers.raft import Sample, Selection, raft_from_log, samples_from_log, select
@@ -171,9 +178,9 @@ def test_raft_from_log_publishes_a_manifest_and_the_next_window_starts_after(mod
     assert manifest["reward"]["kept"]["mean"] == 1.0 and manifest["reward"]["all"]["mean"] == 0.5
     assert manifest["parent"]["path"] == str(models["gpt2_policy"])
     AutoModelForCausalLM.from_pretrained(tmp_path / "r1")  # a plain HF directory
-    with pytest.raises(SystemExit, match="nothing to train on"):  # the window starts where r1's ended
+    with pytest.raises(RecipeError, match="nothing to train on"):  # the window starts where r1's ended
         raft_from_log(tmp_path / "r1", tmp_path / "log.db", tmp_path / "r2", args, Selection())
-    with pytest.raises(SystemExit, match="already exists"):
+    with pytest.raises(RecipeError, match="already exists"):
         raft_from_log(models["gpt2_policy"], tmp_path / "log.db", tmp_path / "r1", args, Selection())
 
 

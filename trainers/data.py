@@ -16,7 +16,12 @@ from typing import Any
 Prompt = str | list[dict[str, str]]
 
 
-class DataError(ValueError):
+class RecipeError(ValueError):
+    """A recipe asked to run on something it cannot use (a file, a flag, a directory); the message
+    says what and how to fix it, and `bon train` prints it as one line."""
+
+
+class DataError(RecipeError):
     """A record that cannot be used; the message names the file, line and field."""
 
 
@@ -43,14 +48,19 @@ class PreferenceGroup:
 
 def read_jsonl(path: Path) -> list[tuple[int, dict[str, Any]]]:
     """(line number, record) for every non-blank line."""
+    if not Path(path).is_file():
+        raise DataError(f"{path}: no such file")
     records = []
     with Path(path).open() as f:
         for number, line in enumerate(f, start=1):
             if line.strip():
                 try:
-                    records.append((number, json.loads(line)))
+                    record = json.loads(line)
                 except json.JSONDecodeError as error:
                     raise DataError(f"{path}:{number}: not JSON ({error})") from None
+                if not isinstance(record, dict):
+                    raise DataError(f"{path}:{number}: each line must be a JSON object")
+                records.append((number, record))
     return records
 
 
@@ -106,6 +116,11 @@ def preference_group(record: dict, where: str) -> PreferenceGroup:
     if not isinstance(ranks, list) or len(ranks) != len(responses):
         raise DataError(f"{where}: 'ranks'/'scores' must have one number per response")
     return PreferenceGroup(prompt, responses, [float(r) for r in ranks], float(record.get("margin", 0.0)))
+
+
+def load_prompts(path: Path) -> list[Prompt]:
+    """JSONL with a "prompt" (string or messages) per line."""
+    return [_prompt(record, f"{path}:{number}") for number, record in read_jsonl(path)]
 
 
 def load_preferences(paths: list[Path]) -> list[PreferenceGroup]:

@@ -24,6 +24,9 @@ from accelerate.utils import set_seed
 from tqdm import tqdm
 from transformers import PreTrainedModel, get_scheduler
 
+from server.threads import apply_torch_threads
+from trainers.data import RecipeError
+
 
 @dataclass
 class TrainArgs:
@@ -39,13 +42,53 @@ class TrainArgs:
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     lora_rank: int = 0  # > 0 trains LoRA adapters (peft) and merges them into the saved checkpoint
+    torch_threads: int = 0  # 0: half the cores, so a run beside a server does not take them all
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The recipe's docstring as written, and the default of every flag that has one."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.required:
+            return action.help
+        return super()._get_help_string(action)
+
+
+# The --help line of each TrainArgs field.
+TRAIN_HELP = {
+    "epochs": "passes over the data",
+    "learning_rate": "peak learning rate (linear warm-up, then linear decay)",
+    "batch_size": "examples per step and process, before accumulation",
+    "max_length": "tokens per example; longer ones are cut",
+    "seed": "seeds data order, initialisation and sampling",
+    "gradient_accumulation_steps": "steps whose gradients add up before one update",
+    "warmup_ratio": "share of the updates spent warming up",
+    "weight_decay": "AdamW weight decay",
+    "max_grad_norm": "gradient clipping norm",
+    "lora_rank": "> 0: train LoRA adapters of this rank (peft) and merge them when saving",
+    "torch_threads": "intra-op CPU threads; 0: half the cores",
+}
+
+
+def recipe_parser(prog: str, description: str | None):
+    """A recipe's parser, and its group of required flags (argparse lists those as optional)."""
+    parser = argparse.ArgumentParser(prog=prog, description=description, formatter_class=HelpFormatter)
+    return parser, parser.add_argument_group("required")
+
+
+def summary(recipe: str, output: Path, data: dict, result: dict) -> dict:
+    """What every recipe reports at the end, in one shape: what it read, what it made."""
+    return {"recipe": recipe, "output": str(output), "data": data, "result": result}
 
 
 def add_train_args(parser: argparse.ArgumentParser, **defaults) -> None:
     """One flag per TrainArgs field; a recipe may change a default (e.g. a reward model's lr)."""
     base = TrainArgs(**defaults)
+    group = parser.add_argument_group("training")
     for name, value in asdict(base).items():
-        parser.add_argument("--" + name.replace("_", "-"), type=type(value), default=value)
+        group.add_argument(
+            "--" + name.replace("_", "-"), type=type(value), default=value, help=TRAIN_HELP[name]
+        )
 
 
 def train_args(namespace: argparse.Namespace) -> TrainArgs:
@@ -57,6 +100,7 @@ def make_accelerator(args: TrainArgs) -> Accelerator:
     # otherwise torchrun's processes would each train alone, unaware of the others.
     on_cpu = not torch.cuda.is_available() and not torch.backends.mps.is_available()
     accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps, cpu=on_cpu)
+    apply_torch_threads(args.torch_threads)
     set_seed(args.seed)
     return accelerator
 
@@ -67,7 +111,7 @@ def with_lora(model: PreTrainedModel, args: TrainArgs, task_type: str) -> PreTra
     try:
         from peft import LoraConfig, get_peft_model
     except ImportError:
-        raise SystemExit("--lora-rank needs peft: pip install 'bon[lora]'") from None
+        raise RecipeError("--lora-rank needs peft: pip install 'bon[lora]'") from None
     config = LoraConfig(
         r=args.lora_rank, lora_alpha=2 * args.lora_rank, target_modules="all-linear", task_type=task_type
     )
@@ -133,7 +177,7 @@ def fit(
 
 def check_new_output(output: Path) -> None:
     if output.exists():
-        raise SystemExit(f"--output {output} already exists; each run writes a new checkpoint directory")
+        raise RecipeError(f"--output {output} already exists; each run writes a new checkpoint directory")
 
 
 def publish(accelerator: Accelerator, output: Path, write: Callable[[Path], None]) -> None:

@@ -22,8 +22,8 @@ hyperparameters) and the training curves.
 
 from __future__ import annotations
 
-import argparse
 import json
+import logging
 import math
 import shutil
 import statistics
@@ -34,18 +34,21 @@ from pathlib import Path
 
 import torch
 
-from server.checkpoints import model_version
+from server.checkpoints import checkpoint_dir, model_version
 from server.engines.contract import Candidate, SampleRequest, SamplingParams
 from server.engines.hf.decoding import generate
 from server.engines.hf.models import HFPolicy, load_policy, load_reward_model
 from server.log.sample_log import read_records
 from server.prompts import Prompt as ServedPrompt
 from server.prompts import make_prompt, reward_input
-from trainers.data import Prompt, SFTExample, read_jsonl
-from trainers.engine import TrainArgs, add_train_args, check_new_output, train_args
+from server.reward import read_reward_model
+from trainers.data import Prompt, RecipeError, SFTExample, load_prompts
+from trainers.engine import TrainArgs, add_train_args, check_new_output, recipe_parser, summary, train_args
 from trainers.sft import finetune
 
 MANIFEST = "raft_manifest.json"
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -108,6 +111,30 @@ def reward_stats(samples: list[Sample]) -> dict[str, float]:
         "min": min(rewards),
         "max": max(rewards),
     }
+
+
+def report(all_samples: list[Sample], kept: list[Sample], rule: Selection, source: str) -> None:
+    """Say what was read and kept; warn when the best of a prompt is kept however bad it is.
+
+    Rewards are Bradley-Terry logits with no absolute zero, so "bad" is measured against the rest:
+    a kept sample below the median reward of everything read was its prompt's best only because
+    nothing better was sampled for it.
+    """
+    prompts = len(group_by_prompt(all_samples))
+    log.info(
+        "%s: %d candidates of %d prompts; keeping %d samples of %d prompts",
+        source, len(all_samples), prompts, len(kept), len(group_by_prompt(kept)),
+    )  # fmt: skip
+    if rule.min_reward is None and all_samples:
+        median = statistics.median(s.reward for s in all_samples)
+        weak = sum(s.reward < median for s in kept)
+        if weak:
+            log.warning(
+                "%d of the %d kept samples score below the median reward of all candidates (%.3g): "
+                "they were their prompt's best only because nothing better was sampled; set "
+                "--min-reward to leave them out",
+                weak, len(kept), median,
+            )  # fmt: skip
 
 
 def parent_window_end(policy: Path) -> float:
@@ -193,9 +220,10 @@ def raft_from_log(
     all_samples = samples_from_log(sample_log, since, until)
     kept = select(all_samples, rule)
     if not kept:
-        raise SystemExit(
+        raise RecipeError(
             f"nothing to train on: {len(all_samples)} logged candidates in the window after {since}"
         )
+    report(all_samples, kept, rule, f"the log's window ({since}, {until}]")
     manifest = _manifest(
         policy,
         args,
@@ -230,6 +258,7 @@ def raft_self_sampling(
         for i in range(iterations):
             samples = sample_and_score(current, reward_model, prompts, k, params, batch=8)
             kept = select(samples, rule)
+            report(samples, kept, rule, f"iteration {i + 1}")
             rounds.append({"iteration": i + 1, "all": reward_stats(samples), "kept": reward_stats(kept)})
             target = output if i == iterations - 1 else work / f"iteration-{i + 1}"
             manifest = _manifest(
@@ -258,17 +287,10 @@ def raft_self_sampling(
     return manifest
 
 
-def load_prompts(path: Path) -> list[Prompt]:
-    """JSONL with a "prompt" (string or messages) per line."""
-    return [record["prompt"] for _, record in read_jsonl(path)]
-
-
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(
-        prog="bon train raft", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--policy", type=Path, required=True, help="the policy to improve (not modified)")
-    parser.add_argument(
+    parser, required = recipe_parser("bon train raft", __doc__)
+    required.add_argument("--policy", type=Path, required=True, help="the policy to improve (not modified)")
+    required.add_argument(
         "--output", type=Path, required=True, help="new checkpoint directory (must not exist)"
     )
     source = parser.add_argument_group("data: the candidate log, or self-sampling")
@@ -289,12 +311,15 @@ def main(argv: list[str] | None = None) -> dict:
     pick.add_argument("--min-candidates", type=int, default=1)
     add_train_args(parser)
     args = parser.parse_args(argv)
+    checkpoint_dir(args.policy, "policy", "--policy")
+    check_new_output(args.output)
     rule = Selection(args.top_k, args.top_fraction, args.min_reward, args.min_candidates)
     if args.sample_log and not args.prompts:
         manifest = raft_from_log(
             args.policy, args.sample_log, args.output, train_args(args), rule, args.since
         )
     elif args.prompts and args.reward_model and not args.sample_log:
+        read_reward_model(args.reward_model)
         params = SamplingParams(max_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed)
         manifest = raft_self_sampling(
             args.policy,
@@ -309,4 +334,5 @@ def main(argv: list[str] | None = None) -> dict:
         )
     else:
         parser.error("give --sample-log PATH, or --prompts FILE with --reward-model DIR")
-    return {k: manifest[k] for k in ("version", "samples_seen", "samples_kept", "reward")}
+    data = {k: manifest[k] for k in ("prompts", "samples_seen", "prompts_kept", "samples_kept")}
+    return summary("raft", args.output, data, {"version": manifest["version"], "reward": manifest["reward"]})

@@ -11,7 +11,7 @@ directory (num_labels=1, pad token set) that `bon serve` and vLLM load unchanged
 
 from __future__ import annotations
 
-import argparse
+import logging
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,10 +25,11 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from server.checkpoints import checkpoint_dir
 from server.engines.hf.models import LastTokenReward, pad_right
 from server.prompts import render_messages
 from server.reward import encode_candidate
-from trainers.data import PreferenceGroup, load_feedback, load_preferences
+from trainers.data import PreferenceGroup, RecipeError, load_feedback, load_preferences
 from trainers.engine import (
     TrainArgs,
     add_train_args,
@@ -37,11 +38,15 @@ from trainers.engine import (
     make_accelerator,
     mergeable,
     publish,
+    recipe_parser,
+    summary,
     train_args,
     with_lora,
     write_history,
 )
 from trainers.losses import bradley_terry_loss, reward_centering
+
+log = logging.getLogger(__name__)
 
 
 def encode_response(tokenizer: PreTrainedTokenizerBase, prompt, response: str, max_length: int) -> list[int]:
@@ -172,10 +177,11 @@ def train_reward_model(
         random.Random(args.seed).shuffle(encoded)
         held = int(len(encoded) * eval_fraction)
         held_out, encoded = encoded[:held], encoded[held:]
+        log.info("holding out %d of %d groups for evaluation", held, held + len(encoded))
     else:
         held_out = [encode(g) for g in eval_groups]
     if not encoded:
-        raise SystemExit("no training pairs: every group is a single response or all ties")
+        raise RecipeError("no training pairs: every group is a single response or all ties")
 
     scorer = LastTokenReward(model)
     loader = DataLoader(
@@ -207,13 +213,11 @@ def train_reward_model(
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(
-        prog="bon train rm", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--base", type=Path, required=True, help="SFT policy directory to start from")
+    parser, required = recipe_parser("bon train rm", __doc__)
+    required.add_argument("--base", type=Path, required=True, help="SFT policy directory to start from")
+    required.add_argument("--output", type=Path, required=True, help="new directory for the reward model")
     parser.add_argument("--data", type=Path, nargs="*", default=[], help="JSONL pairs or rankings")
     parser.add_argument("--sample-log", type=Path, help="also train on the feedback stored by bon serve")
-    parser.add_argument("--output", type=Path, required=True)
     parser.add_argument("--eval-fraction", type=float, default=0.1, help="prompts held out for evaluation")
     parser.add_argument("--centering", type=float, default=0.0, help="coefficient of mean(r^2)")
     parser.add_argument(
@@ -225,11 +229,24 @@ def main(argv: list[str] | None = None) -> dict:
     )
     add_train_args(parser, learning_rate=5e-6, batch_size=4, max_length=1024)
     args = parser.parse_args(argv)
+    checkpoint_dir(args.base, "base model", "--base")
+    check_new_output(args.output)
     groups = load_preferences(args.data)
-    if args.sample_log:
-        groups += load_feedback(args.sample_log)
-    if not groups:
+    feedback = load_feedback(args.sample_log) if args.sample_log else []
+    if not groups + feedback:
         parser.error("no data: give --data FILE and/or --sample-log PATH")
+    data = {
+        "groups": len(groups),
+        "pairs": sum(len(g.pairs()) for g in groups),
+        "feedback_groups": len(feedback),
+        "feedback_pairs": sum(len(g.pairs()) for g in feedback),
+    }
+    log.info(
+        "read %(groups)d preference groups (%(pairs)d pairs) and %(feedback_groups)d feedback groups "
+        "(%(feedback_pairs)d pairs)",
+        data,
+    )
+    groups += feedback
     history = train_reward_model(
         args.base,
         groups,
@@ -239,4 +256,5 @@ def main(argv: list[str] | None = None) -> dict:
         args.centering,
         shrink=args.shrink,
     )
-    return {k: round(v, 4) for k, v in history[-1].items() if k.startswith("eval_")}
+    result = {k: round(v, 4) for k, v in history[-1].items() if k.startswith("eval_")}
+    return summary("rm", args.output, data, result)

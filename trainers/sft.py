@@ -8,8 +8,8 @@ stays small without packing's cross-example attention.
 
 from __future__ import annotations
 
-import argparse
 import json
+import logging
 import random
 from collections.abc import Callable
 from pathlib import Path
@@ -18,8 +18,9 @@ import torch
 from torch.utils.data import DataLoader
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
+from server.checkpoints import checkpoint_dir
 from server.engines.hf.models import pad_right
-from trainers.data import SFTExample, load_sft
+from trainers.data import DataError, SFTExample, load_sft
 from trainers.engine import (
     TrainArgs,
     add_train_args,
@@ -28,11 +29,15 @@ from trainers.engine import (
     make_accelerator,
     mergeable,
     publish,
+    recipe_parser,
+    summary,
     train_args,
     with_lora,
     write_history,
 )
 from trainers.losses import IGNORE, completion_loss
+
+log = logging.getLogger(__name__)
 
 
 def encode(tokenizer: PreTrainedTokenizerBase, example: SFTExample, max_length: int) -> dict[str, list[int]]:
@@ -129,14 +134,29 @@ def finetune(
     return history
 
 
+def check_chat_template(base: Path, examples: list[SFTExample], data: Path) -> None:
+    """Chat rows need the tokenizer's chat template: say so before any training starts."""
+    chat = sum(not isinstance(e.prompt, str) for e in examples)
+    if chat and not AutoTokenizer.from_pretrained(base).chat_template:
+        raise DataError(
+            f"{data}: {chat} rows are chat ('messages', or a list of messages as 'prompt'), but the "
+            f"tokenizer of {base} has no chat template; give text prompts or a base with a template"
+        )
+
+
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(
-        prog="bon train sft", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--base", type=Path, required=True, help="HF causal-LM directory to start from")
-    parser.add_argument("--data", type=Path, required=True, help="JSONL of prompt/completion or messages")
-    parser.add_argument("--output", type=Path, required=True, help="new directory for the checkpoint")
+    parser, required = recipe_parser("bon train sft", __doc__)
+    required.add_argument("--base", type=Path, required=True, help="HF causal-LM directory to start from")
+    required.add_argument("--data", type=Path, required=True, help="JSONL of prompt/completion or messages")
+    required.add_argument("--output", type=Path, required=True, help="new directory for the checkpoint")
     add_train_args(parser)
     args = parser.parse_args(argv)
-    history = finetune(args.base, load_sft(args.data), train_args(args), args.output, "sft")
-    return {"final_loss": round(history[-1]["loss"], 4), "output": str(args.output)}
+    checkpoint_dir(args.base, "base model", "--base")
+    check_new_output(args.output)
+    examples = load_sft(args.data)
+    check_chat_template(args.base, examples, args.data)
+    chat = sum(not isinstance(e.prompt, str) for e in examples)
+    log.info("read %d examples from %s (%d chat)", len(examples), args.data, chat)
+    history = finetune(args.base, examples, train_args(args), args.output, "sft")
+    data = {"examples": len(examples), "chat_examples": chat}
+    return summary("sft", args.output, data, {"final_loss": round(history[-1]["loss"], 4)})
