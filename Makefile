@@ -23,7 +23,7 @@ TINY ?= models/tiny
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: install install-vllm serve test test-vllm bench bench-vllm bench-vllm-reload demo default-models lint lint-docker clean
+.PHONY: install install-vllm serve test test-vllm bench bench-vllm bench-vllm-reload bench-health demo default-models lint lint-docker clean
 
 install: $(VENV)/.installed
 
@@ -78,6 +78,10 @@ bench: $(TINY)/.built
 bench-vllm: $(TINY)/.built $(VENV_VLLM)/.installed
 	$(VPY) benchmarks/load_bench.py --policy $(TINY)/policy --reward-model $(TINY)/reward_model \
 		--engine vllm --output bench-results/load-vllm.json
+
+# /health latency and server memory under hostile requests (the 100 ms target).
+bench-health: $(TINY)/.built
+	$(PY) benchmarks/health_under_load.py --policy $(TINY)/policy --reward-model $(TINY)/reward_model
 
 # A vLLM policy reload two ways (fresh engine, in-place reload_weights), timed and checked.
 bench-vllm-reload: $(VENV_VLLM)/.installed

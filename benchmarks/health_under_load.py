@@ -15,49 +15,16 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
-import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
 
 import httpx
 import psutil
+from serving import bon_serve
 
 KEY = "bench-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start(args, tmp: str) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    command = [
-        sys.executable, "-m", "bon", "serve", "--policy", args.policy, "--reward-model", args.reward_model,
-        "--port", str(port), "--api-key", KEY, "--served-model-name", "bench", "--log-level", "warning",
-        "--sample-log", f"{tmp}/samples.db", "--engine", args.engine, "--reward-engine", args.engine,
-    ]  # fmt: skip
-    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 600
-    while True:
-        if server.poll() is not None:
-            raise RuntimeError(server.stderr.read().decode())
-        try:
-            if httpx.get(f"{url}/ready").status_code == 200:
-                return server, url
-        except httpx.HTTPError:
-            pass
-        if time.monotonic() > deadline:
-            raise RuntimeError("server did not become ready")
-        time.sleep(0.2)
 
 
 def quantiles(latencies: list[float]) -> dict[str, float]:
@@ -115,17 +82,13 @@ def main() -> None:
     parser.add_argument("--engine", choices=["transformers", "vllm"], default="transformers")
     parser.add_argument("--output", type=Path, default=Path("bench-results/health_under_load.json"))
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        server, url = start(args, tmp)
-        try:
-            process = psutil.Process(server.pid)
-            idle = quantiles(poll_health(url, args.seconds / 2, 0))
-            rss_before = process.memory_info().rss / 2**20
-            loaded = quantiles(poll_health(url, args.seconds, args.clients))
-            rss_after = process.memory_info().rss / 2**20
-        finally:
-            server.terminate()
-            server.wait()
+    flags = ["--api-key", KEY, "--engine", args.engine, "--reward-engine", args.engine]
+    with bon_serve(args.policy, args.reward_model, *flags) as (url, server):
+        process = psutil.Process(server.pid)
+        idle = quantiles(poll_health(url, args.seconds / 2, 0))
+        rss_before = process.memory_info().rss / 2**20
+        loaded = quantiles(poll_health(url, args.seconds, args.clients))
+        rss_after = process.memory_info().rss / 2**20
     result = {
         "config": {k: str(v) for k, v in vars(args).items()} | {"cpus": os.cpu_count()},
         "idle": idle,

@@ -19,14 +19,12 @@ import asyncio
 import json
 import os
 import statistics
-import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
 
 import httpx
 import torch
+from serving import bon_serve
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
@@ -67,14 +65,6 @@ def summary(latencies: list[float], wall: float) -> dict:
     }
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 async def drive(
     url: str, total: int, clients: int, best_of: int, max_tokens: int
 ) -> tuple[list[float], float]:
@@ -107,54 +97,11 @@ async def drive(
 
 
 def run_server(args, total: int, engine: str) -> dict:
-    port = free_port()
-    with tempfile.TemporaryDirectory() as tmp:
-        command = [
-            sys.executable,
-            "-m",
-            "bon",
-            "serve",
-            "--policy",
-            args.policy,
-            "--reward-model",
-            args.reward_model,
-            "--port",
-            str(port),
-            "--served-model-name",
-            "bench",
-            "--max-best-of",
-            str(args.best_of),
-            "--sample-log",
-            f"{tmp}/samples.db",
-            "--log-level",
-            "warning",
-            "--torch-threads",
-            str(args.threads),
-            "--engine",
-            engine,
-            "--reward-engine",
-            engine,
-        ]
-        server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        url = f"http://127.0.0.1:{port}"
-        try:
-            deadline = time.monotonic() + 600
-            while True:
-                if server.poll() is not None:
-                    raise RuntimeError(server.stderr.read().decode())
-                try:
-                    if httpx.get(f"{url}/ready").status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise RuntimeError("server did not become ready")
-                time.sleep(0.2)
-            asyncio.run(drive(url, args.clients, args.clients, args.best_of, args.max_tokens))  # warm-up
-            latencies, wall = asyncio.run(drive(url, total, args.clients, args.best_of, args.max_tokens))
-        finally:
-            server.terminate()
-            server.wait()
+    flags = ["--max-best-of", str(args.best_of), "--torch-threads", str(args.threads)]
+    flags += ["--engine", engine, "--reward-engine", engine]
+    with bon_serve(args.policy, args.reward_model, *flags) as (url, _):
+        asyncio.run(drive(url, args.clients, args.clients, args.best_of, args.max_tokens))  # warm-up
+        latencies, wall = asyncio.run(drive(url, total, args.clients, args.best_of, args.max_tokens))
     return summary(latencies, wall)
 
 

@@ -79,3 +79,61 @@ def test_disconnected_client_has_its_queued_work_dropped(pair_gpt2_llama, tmp_pa
         assert rows == [(first.json()["id"],)]  # nothing sampled or logged for the abandoned request
     finally:
         stop_server(server)
+
+
+def test_a_job_that_breaks_its_batch_fails_alone():
+    """The batch runs again job by job: the bad job's caller gets the error, the others results."""
+    from server.engines.hf.batching import TokenBudgetBatcher
+
+    calls = []
+
+    def run_batch(jobs: list[str]) -> list[str]:
+        calls.append(list(jobs))
+        if "bad" in jobs:
+            raise OverflowError("the bad job's numbers do not fit the batch's tensors")
+        return [job.upper() for job in jobs]
+
+    async def scenario():
+        batcher = TokenBudgetBatcher(
+            run_batch, max_batch_tokens=100, max_queued=8, stage="sampling", gather_seconds=0.05
+        )
+        results = await asyncio.gather(
+            *(batcher.submit(job, cost=1, sequences=1) for job in ("a", "bad", "b")), return_exceptions=True
+        )
+        await batcher.close()
+        return results
+
+    a, bad, b = asyncio.run(scenario())
+    assert (a, b) == ("A", "B") and isinstance(bad, OverflowError)
+    assert calls[0] == ["a", "bad", "b"] and sorted(map(tuple, calls[1:])) == [("a",), ("b",), ("bad",)]
+
+
+def test_a_large_score_request_goes_in_budget_sized_chunks_and_stops_when_its_client_leaves():
+    from server.engines.hf.scorer import TransformersScorer, _chunks
+
+    inputs = [[1] * n for n in (3, 4, 2, 6, 1, 9)]
+    assert _chunks(inputs, 7) == [[[1] * 3, [1] * 4], [[1] * 2], [[1] * 6, [1] * 1], [[1] * 9]]
+
+    class Weights:
+        """Stands in for a reward model: each input's reward is its length, each call slow."""
+
+        calls = 0
+
+        def score(self, batch):
+            Weights.calls += 1
+            time.sleep(0.05)
+            return [float(len(ids)) for ids in batch]
+
+    async def scenario():
+        scorer = TransformersScorer("cpu", "auto", max_batch_tokens=7, max_queued=8)
+        assert await scorer.score(inputs, Weights()) == [3.0, 4.0, 2.0, 6.0, 1.0, 9.0]
+        done = Weights.calls
+        task = asyncio.create_task(scorer.score(inputs * 10, Weights()))
+        await asyncio.sleep(0.12)
+        task.cancel()
+        await asyncio.sleep(0.3)
+        await scorer.close()
+        return done, Weights.calls - done
+
+    whole, cut = asyncio.run(scenario())
+    assert whole == 4 and cut < 10, cut  # 40 chunks were asked for; the rest never ran

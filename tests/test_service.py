@@ -252,3 +252,34 @@ def test_a_log_of_the_first_layout_is_migrated_and_reads_the_same(tmp_path):
         sqlite3.connect(path).execute("SELECT type FROM sqlite_master WHERE name = 'candidates'").fetchone()
     )
     assert kind == ("view",)
+
+
+def test_a_refused_prompt_cancels_the_request_s_other_prompts(tokenizers):
+    class Refuses(FakeSampler):
+        """Prompt "first" waits (it was admitted); prompt "second" finds the queue full."""
+
+        def __init__(self):
+            super().__init__()
+            self.cancelled = asyncio.Event()
+
+        async def sample(self, request):
+            if len(request.prompt_ids) == len(tokenizers[0]("first").input_ids) and not self.requests:
+                self.requests.append(request)
+                try:
+                    await asyncio.sleep(60)
+                except asyncio.CancelledError:
+                    self.cancelled.set()
+                    raise
+            await asyncio.sleep(0.01)
+            raise failures.Overloaded("queue full")
+
+    sampler = Refuses()
+
+    async def scenario():
+        service = await make_service(tokenizers, sampler, FakeScorer())
+        prompts = [service.text_prompt("first"), service.text_prompt("second one")]
+        with pytest.raises(failures.Overloaded):
+            await service.run("r", prompts, SamplingParams(max_tokens=2), 1, 1, log=False)
+        await asyncio.wait_for(sampler.cancelled.wait(), 1)
+
+    asyncio.run(scenario())
