@@ -63,13 +63,14 @@ def test_sigterm_flushes_the_queue(pair_gpt2_llama, tmp_path):
     assert "candidate log flushed" in server.output()
 
 
-# The largest requests the API accepts: sixteen stop strings filling most of the 8 MiB body limit.
+# As much as one request can ask the log to keep: many prompts near the policy's context, and
+# sixteen stop strings at their length limit (stored once per request, never per candidate).
 HEAVY = {
     "model": "gpt2_policy",
-    "prompt": "the cat",
+    "prompt": [f"{i} " + "the cat runs and the dog sees a bird " * 6 for i in range(48)],
     "max_tokens": 4,
-    "best_of": 8,
-    "stop": [f"{i}" + "z" * 400_000 for i in range(16)],
+    "best_of": 4,
+    "stop": [f"{i:02d}" + "z" * 998 for i in range(16)],
 }
 
 

@@ -48,6 +48,10 @@ def test_a_top_k_beyond_int32_is_a_400_and_a_huge_valid_one_keeps_every_token(se
     assert [c["text"] for c in wide.json()["candidates"]] == [c["text"] for c in plain.json()["candidates"]]
 
 
+def test_a_stop_string_over_its_limit_is_a_400(server):
+    refused(complete(server, stop=["z" * 1001], max_tokens=2), 400, "stop", "at most 1000 characters")
+
+
 def test_a_top_p_that_is_zero_in_float32_samples_the_most_likely_token(server):
     greedy = complete(server, temperature=0, max_tokens=6).json()["choices"][0]["text"]
     tiny = complete(server, top_p=1e-50, max_tokens=6, seed=1)

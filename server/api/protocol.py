@@ -36,6 +36,10 @@ def _unicode_text(text: str) -> str:
 
 Text = Annotated[str, AfterValidator(_unicode_text)]
 
+# Engines search for every stop string in the text of every row at every step (vLLM keeps a
+# buffer as long as the longest): 16 stops of 400,000 characters slowed vLLM to a crawl.
+MAX_STOP_CHARS = 1000
+
 # OpenAI parameters bon does not implement, each with the values that ask for nothing (some
 # clients send those by default). Any other value is refused by name, never silently ignored.
 UNSUPPORTED: dict[str, tuple[Any, ...]] = {
@@ -123,6 +127,8 @@ class _Sampling(_Request):
             raise ValueError("stop strings must not be empty")
         if len(stops) > 16:
             raise ValueError("at most 16 stop strings")
+        if any(len(s) > MAX_STOP_CHARS for s in stops):
+            raise ValueError(f"stop strings are at most {MAX_STOP_CHARS} characters")
         return stops
 
     # Cross-field checks are field validators (fields validate in order) so the error names the field.
