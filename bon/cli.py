@@ -136,6 +136,28 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+JOBS = {"score": "server.batch.score", "generate": "server.batch.generate", "eval": "trainers.evaluation.run"}
+
+
+def _job(args: argparse.Namespace) -> int:
+    import importlib
+    import json
+
+    from server.batch.tables import BadInput
+    from server.engines.build import EngineUnavailable
+    from server.failures import Failure
+
+    logging.basicConfig(level=logging.INFO, format=f"bon {args.command}: %(message)s")
+    try:
+        summary = importlib.import_module(JOBS[args.command]).main(args.rest)
+    except (BadInput, Failure, EngineUnavailable, OSError) as error:
+        # A user's mistake (a file, a row, a flag, a directory): one line, no traceback.
+        print(f"bon {args.command}: {error}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from trainers.demo.pipeline import main as demo_main
 
@@ -167,6 +189,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("method", nargs="?", choices=sorted(TRAINERS))
     train.set_defaults(func=_train, passes_through=True)
+
+    for name, what in [
+        ("score", "reward every row of a JSONL/Parquet file; resumable, torchrun-ready"),
+        ("generate", "offline best-of-N: sample, score and log like the server, for RAFT data"),
+        ("eval", "reward vs N, KL, win rate and diversity: eval.json, report.md and plots"),
+    ]:
+        job = commands.add_parser(name, help=f"{what}; `bon {name} --help`", add_help=False)
+        job.set_defaults(func=_job, passes_through=True)
 
     demo = commands.add_parser(
         "demo", help="the whole pipeline from scratch on CPU; `bon demo --help`", add_help=False

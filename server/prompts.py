@@ -25,6 +25,18 @@ class Prompt:
         return self.messages if self.messages is not None else self.text
 
 
+def unicode_text(text: str) -> str:
+    """JSON can carry a lone surrogate ("\\ud800"): that is not Unicode text, and no tokenizer (nor
+    SQLite) takes it. Raises ValueError saying where it is."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise ValueError(
+            f"contains an unpaired surrogate ({text[error.start]!r} at {error.start}), which is not text"
+        ) from None
+    return text
+
+
 def text_prompt(tokenizer: PreTrainedTokenizerBase, text: str) -> Prompt:
     """A completion prompt, with the tokenizer's default special tokens."""
     ids = tokenizer(text).input_ids
@@ -57,3 +69,24 @@ def make_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str | Messages) -> P
 def reward_input(reward_model: RewardModelInfo, prompt: Prompt, completion: str) -> RewardInput:
     """The RM's input for one candidate, after the RM's length rule."""
     return reward_model.fit(reward_model.encode(prompt.text, prompt.messages, completion))
+
+
+def scoring_chars(prompt: str | Messages, response: str) -> int:
+    """Characters of a (prompt, response) pair a caller asks to score: checked before tokenizing."""
+    return len(response) + (
+        len(prompt) if isinstance(prompt, str) else sum(len(m["content"]) for m in prompt)
+    )
+
+
+def scoring_input(
+    reward_model: RewardModelInfo,
+    prompt: str | Messages,
+    response: str,
+    policy_tokenizer: PreTrainedTokenizerBase,
+) -> list[int]:
+    """The RM input of a (prompt, response) pair a caller gives (`/v1/score`, `bon score`), never
+    truncated: a text prompt by the completions rule, messages by the RM's chat template, or,
+    when the RM has none, the policy's rendering of them (what the policy was served)."""
+    if isinstance(prompt, str):
+        return reward_model.encode(prompt, None, response)
+    return reward_model.encode(render_messages(policy_tokenizer, prompt), prompt, response)

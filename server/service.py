@@ -28,7 +28,15 @@ from server.engines.contract import (
 from server.failures import ContextTooLong, InvalidInput
 from server.log.sample_log import CompletionRecord, RequestRecord, SampleLog
 from server.policy import PolicyInfo
-from server.prompts import Prompt, chat_prompt, render_messages, reward_input, text_prompt
+from server.prompts import (
+    Prompt,
+    chat_prompt,
+    render_messages,
+    reward_input,
+    scoring_chars,
+    scoring_input,
+    text_prompt,
+)
 from server.reward import Messages, RewardInput, RewardModelInfo
 from server.selection import rank_by_reward, ranks_of
 
@@ -251,19 +259,14 @@ class BestOfN:
                 field,
             )
         for index, (prompt, response) in enumerate(pairs):
-            chars = len(response) + (
-                len(prompt) if isinstance(prompt, str) else sum(len(m["content"]) for m in prompt)
+            self._check_chars(
+                scoring_chars(prompt, response), rm.max_chars, rm.max_length, field, f"{field}[{index}]"
             )
-            self._check_chars(chars, rm.max_chars, rm.max_length, field, f"{field}[{index}]")
+
+        policy_tokenizer = self.policy.tokenizer
 
         def encode() -> list[list[int]]:
-            inputs = []
-            for prompt, response in pairs:
-                if isinstance(prompt, str):
-                    inputs.append(rm.encode(prompt, None, response))
-                else:
-                    inputs.append(rm.encode(render_messages(self.policy.tokenizer, prompt), prompt, response))
-            return inputs
+            return [scoring_input(rm, prompt, response, policy_tokenizer) for prompt, response in pairs]
 
         inputs = await self.tokenize(encode)
         for index, ids in enumerate(inputs):

@@ -45,15 +45,6 @@ class TrainArgs:
     torch_threads: int = 0  # 0: half the cores, so a run beside a server does not take them all
 
 
-class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """The recipe's docstring as written, and the default of every flag that has one."""
-
-    def _get_help_string(self, action):
-        if action.default is None or action.required:
-            return action.help
-        return super()._get_help_string(action)
-
-
 # The --help line of each TrainArgs field.
 TRAIN_HELP = {
     "epochs": "passes over the data",
@@ -68,12 +59,6 @@ TRAIN_HELP = {
     "lora_rank": "> 0: train LoRA adapters of this rank (peft) and merge them when saving",
     "torch_threads": "intra-op CPU threads; 0: half the cores",
 }
-
-
-def recipe_parser(prog: str, description: str | None):
-    """A recipe's parser, and its group of required flags (argparse lists those as optional)."""
-    parser = argparse.ArgumentParser(prog=prog, description=description, formatter_class=HelpFormatter)
-    return parser, parser.add_argument_group("required")
 
 
 def summary(recipe: str, output: Path, data: dict, result: dict) -> dict:

@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from server.arguments import job_parser
 from server.checkpoints import checkpoint_dir, model_version
 from server.engines.contract import Candidate, SampleRequest, SamplingParams
 from server.engines.hf.decoding import generate
@@ -43,7 +44,7 @@ from server.prompts import Prompt as ServedPrompt
 from server.prompts import make_prompt, reward_input
 from server.reward import read_reward_model
 from trainers.data import Prompt, RecipeError, SFTExample, load_prompts
-from trainers.engine import TrainArgs, add_train_args, check_new_output, recipe_parser, summary, train_args
+from trainers.engine import TrainArgs, add_train_args, check_new_output, summary, train_args
 from trainers.sft import finetune
 
 MANIFEST = "raft_manifest.json"
@@ -288,7 +289,7 @@ def raft_self_sampling(
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser, required = recipe_parser("bon train raft", __doc__)
+    parser, required = job_parser("bon train raft", __doc__)
     required.add_argument("--policy", type=Path, required=True, help="the policy to improve (not modified)")
     required.add_argument(
         "--output", type=Path, required=True, help="new checkpoint directory (must not exist)"

@@ -25,6 +25,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from server.arguments import job_parser
 from server.checkpoints import checkpoint_dir
 from server.engines.hf.models import LastTokenReward, pad_right
 from server.prompts import render_messages
@@ -38,7 +39,6 @@ from trainers.engine import (
     make_accelerator,
     mergeable,
     publish,
-    recipe_parser,
     summary,
     train_args,
     with_lora,
@@ -213,7 +213,7 @@ def train_reward_model(
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser, required = recipe_parser("bon train rm", __doc__)
+    parser, required = job_parser("bon train rm", __doc__)
     required.add_argument("--base", type=Path, required=True, help="SFT policy directory to start from")
     required.add_argument("--output", type=Path, required=True, help="new directory for the reward model")
     parser.add_argument("--data", type=Path, nargs="*", default=[], help="JSONL pairs or rankings")

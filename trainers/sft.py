@@ -18,6 +18,7 @@ import torch
 from torch.utils.data import DataLoader
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
+from server.arguments import job_parser
 from server.checkpoints import checkpoint_dir
 from server.engines.hf.models import pad_right
 from trainers.data import DataError, SFTExample, load_sft
@@ -29,7 +30,6 @@ from trainers.engine import (
     make_accelerator,
     mergeable,
     publish,
-    recipe_parser,
     summary,
     train_args,
     with_lora,
@@ -145,7 +145,7 @@ def check_chat_template(base: Path, examples: list[SFTExample], data: Path) -> N
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser, required = recipe_parser("bon train sft", __doc__)
+    parser, required = job_parser("bon train sft", __doc__)
     required.add_argument("--base", type=Path, required=True, help="HF causal-LM directory to start from")
     required.add_argument("--data", type=Path, required=True, help="JSONL of prompt/completion or messages")
     required.add_argument("--output", type=Path, required=True, help="new directory for the checkpoint")

@@ -20,21 +20,9 @@ from pydantic import (
 
 from server.engines.contract import SamplingParams
 from server.failures import InvalidInput
+from server.prompts import unicode_text
 
-
-def _unicode_text(text: str) -> str:
-    """JSON can carry a lone surrogate ("\\ud800"): that is not Unicode text, and no tokenizer (nor
-    SQLite) takes it."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as error:
-        raise ValueError(
-            f"contains an unpaired surrogate ({text[error.start]!r} at {error.start}), which is not text"
-        ) from None
-    return text
-
-
-Text = Annotated[str, AfterValidator(_unicode_text)]
+Text = Annotated[str, AfterValidator(unicode_text)]
 
 # Engines search for every stop string in the text of every row at every step (vLLM keeps a
 # buffer as long as the longest): 16 stops of 400,000 characters slowed vLLM to a crawl.
@@ -91,7 +79,7 @@ class ChatMessage(BaseModel):
                     raise ValueError("only text content parts are supported")
                 texts.append(part["text"])
             content = "".join(texts)
-        return _unicode_text(content or "")
+        return unicode_text(content or "")
 
     def plain(self) -> dict[str, str]:
         return {"role": self.role, "content": self.content or ""}
@@ -122,7 +110,7 @@ class _Sampling(_Request):
     def _stops(cls, stop):
         stops = [stop] if isinstance(stop, str) else list(stop or [])
         for text in stops:
-            _unicode_text(text)
+            unicode_text(text)
         if any(s == "" for s in stops):
             raise ValueError("stop strings must not be empty")
         if len(stops) > 16:
@@ -185,7 +173,7 @@ class CompletionRequest(_Sampling):
         ):
             raise ValueError("prompt must be a string or a list of strings")
         for text in [prompt] if isinstance(prompt, str) else prompt:
-            _unicode_text(text)
+            unicode_text(text)
         return prompt
 
     def prompts(self) -> list[str]:

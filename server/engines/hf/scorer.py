@@ -17,7 +17,7 @@ class ScoreJob:
     reward_model: HFRewardModel  # pinned at request start, so a reload never mixes models in a request
 
 
-def _chunks(inputs: list[list[int]], budget: int) -> list[list[list[int]]]:
+def token_budget_chunks(inputs: list[list[int]], budget: int) -> list[list[list[int]]]:
     """Consecutive runs of inputs of at most `budget` tokens each (an input over it runs alone)."""
     chunks: list[list[list[int]]] = []
     tokens = budget + 1  # no chunk open yet
@@ -62,7 +62,7 @@ class TransformersScorer:
         large request takes turns with the others, and if its client leaves, the chunks not yet
         submitted are never run."""
         rewards: list[float] = []
-        for chunk in _chunks(inputs, self._max_batch_tokens):
+        for chunk in token_budget_chunks(inputs, self._max_batch_tokens):
             job = ScoreJob(chunk, weights)
             rewards += await self._batcher.submit(job, sum(len(ids) for ids in chunk), sequences=len(chunk))
         return rewards

@@ -1,0 +1,166 @@
+"""Crash-safe, resumable output of a windowed batch job, for one process or many.
+
+Process `rank` of `world` takes windows rank, rank + world, ... of the input. It appends each
+finished window's rows to its part file (`OUTPUT.part<rank>`, JSONL), fsyncs it, then appends one
+line to its journal (`OUTPUT.journal<rank>`) saying which window ended where. Whatever the part
+file holds past the journal's last entry is a window cut off by a crash: `--resume` truncates it
+and does that window again. When every process has finished, rank 0 merges the parts window by
+window, in input order, into a temporary file that is renamed to OUTPUT: the output appears
+whole or not at all.
+
+The journal's first line records what the job is (input, its size and mtime, window size,
+processes, model): resuming with anything else would mix two jobs' rows, and is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from server.batch.tables import BadInput, TableWriter
+
+
+@dataclass
+class Window:
+    index: int
+    lines: int  # rows written for it (skipped bad rows are not)
+    end: int  # byte offset in the part file just past its rows
+    skipped: int
+
+
+def job_identity(input_path: Path, **settings: Any) -> dict[str, Any]:
+    stat = input_path.stat()
+    return {"input": str(input_path.resolve()), "size": stat.st_size, "mtime": stat.st_mtime, **settings}
+
+
+def _fsync_append(path: Path, data: bytes) -> None:
+    with path.open("ab") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+class Journal:
+    def __init__(self, output: Path, rank: int, world: int, identity: dict[str, Any]):
+        self.output, self.rank, self.world, self.identity = output, rank, world, identity
+        self.part = self._part(rank)
+        self.journal = self._journal(rank)
+        self.windows: list[Window] = []
+
+    def _part(self, rank: int) -> Path:
+        return self.output.with_name(f"{self.output.name}.part{rank}")
+
+    def _journal(self, rank: int) -> Path:
+        return self.output.with_name(f"{self.output.name}.journal{rank}")
+
+    def leftovers(self) -> list[Path]:
+        """Files an unfinished run of a job writing OUTPUT left behind (any process count)."""
+        return sorted(self.output.parent.glob(f"{self.output.name}.part*")) + sorted(
+            self.output.parent.glob(f"{self.output.name}.journal*")
+        )
+
+    def open(self, resume: bool) -> int:
+        """Start, or pick up where the journal ends; returns the last finished window (-1: none)."""
+        if not resume:
+            if self.output.exists():
+                raise BadInput(f"{self.output} exists; remove it or write elsewhere")
+            # This process's own files only: the other processes of this run are creating theirs.
+            if self.journal.exists():
+                raise BadInput(
+                    f"an unfinished job left {self.journal} and {self.part}: pass --resume to "
+                    "finish it, or delete OUTPUT.part*/journal* to start again"
+                )
+        if not self.journal.exists():
+            self.part.write_bytes(b"")
+            _fsync_append(self.journal, (json.dumps({"job": self.identity}) + "\n").encode())
+            return -1
+        entries = self._entries(self.rank)
+        if entries[0].get("job") != self.identity:
+            raise BadInput(
+                f"{self.journal} belongs to another job ({entries[0].get('job')}); resume with the same "
+                "input, flags and process count, or delete the OUTPUT.part*/journal* files"
+            )
+        self.windows = [Window(**e["window"]) for e in entries[1:] if "window" in e]
+        end = self.windows[-1].end if self.windows else 0
+        with self.part.open("r+b") as f:  # drop a window cut off by the crash
+            f.truncate(end)
+        return self.windows[-1].index if self.windows else -1
+
+    def _entries(self, rank: int) -> list[dict[str, Any]]:
+        entries = []
+        for line in self._journal(rank).read_bytes().splitlines():
+            try:
+                entries.append(json.loads(line))
+            except json.JSONDecodeError:
+                break  # a line cut off by the crash: its window is not done
+        return entries
+
+    def append(self, index: int, records: list[dict[str, Any]], skipped: int) -> None:
+        data = "".join(json.dumps(r) + "\n" for r in records).encode()
+        _fsync_append(self.part, data)
+        end = (self.windows[-1].end if self.windows else 0) + len(data)
+        window = Window(index, len(records), end, skipped)
+        _fsync_append(self.journal, (json.dumps({"window": window.__dict__}) + "\n").encode())
+        self.windows.append(window)
+
+    def finish(self, total_windows: int) -> None:
+        _fsync_append(self.journal, (json.dumps({"done": total_windows}) + "\n").encode())
+
+    def _done(self, rank: int) -> int | None:
+        path = self._journal(rank)
+        if not path.exists():
+            return None
+        return next((e["done"] for e in self._entries(rank) if "done" in e), None)
+
+    def wait_for_all(self, poll_seconds: float = 1.0) -> int:
+        """Rank 0: block until every process has finished its windows; returns the window count."""
+        while True:
+            done = [self._done(rank) for rank in range(self.world)]
+            if all(d is not None for d in done):
+                return done[0]
+            time.sleep(poll_seconds)
+
+    def merged_records(self, total_windows: int) -> Iterator[list[dict[str, Any]]]:
+        """Every process's rows, window by window in input order."""
+        parts = [self._part(rank).open("rb") for rank in range(self.world)]
+        finished = {
+            rank: iter(Window(**e["window"]) for e in self._entries(rank) if "window" in e)
+            for rank in range(self.world)
+        }
+        try:
+            for index in range(total_windows):
+                rank = index % self.world
+                window = next(finished[rank])
+                yield [json.loads(parts[rank].readline()) for _ in range(window.lines)]
+        finally:
+            for f in parts:
+                f.close()
+
+    def skipped(self) -> int:
+        return sum(
+            e["window"]["skipped"] for rank in range(self.world) for e in self._entries(rank) if "window" in e
+        )
+
+    def merge(self, total_windows: int, each: Callable[[dict[str, Any]], None]) -> int:
+        """Write OUTPUT from the parts (calling `each` on every row), then remove the parts;
+        returns the rows written."""
+        temporary = self.output.with_name(f".{self.output.name}.merging{self.output.suffix}")
+        writer = TableWriter(temporary)
+        rows = 0
+        try:
+            for records in self.merged_records(total_windows):
+                for record in records:
+                    each(record)
+                writer.write(records)
+                rows += len(records)
+        finally:
+            writer.close()
+        os.replace(temporary, self.output)
+        for path in self.leftovers():
+            path.unlink()
+        return rows

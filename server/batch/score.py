@@ -1,0 +1,292 @@
+"""`bon score`: reward every row of a file with a Bradley-Terry reward model, as `/v1/score` would.
+
+    bon score INPUT -o OUTPUT --reward-model DIR [--resume] [--skip-bad-rows]
+
+INPUT and OUTPUT are .jsonl or .parquet. Each row is {"prompt": str | messages, "response": str}
+or {"prompt": ..., "responses": [str, ...]}; OUTPUT has every row, in input order, with all its
+fields and "reward" (or "rewards", one per response) added: the raw logit, from the same
+reward-model input rule as the server. A row the reward model cannot take whole (longer than its
+context) is a bad row: it is never truncated.
+
+The input is read in windows; each window is sorted by length and scored in batches of at most
+--batch-tokens tokens, so padding stays small and memory stays bounded however long the file is.
+A killed job is finished by the same command with --resume (server/batch/journal.py). Under
+`torchrun --nproc-per-node P -m bon score ...` (or `accelerate launch`) each process scores every
+P-th window and rank 0 writes the one merged OUTPUT.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from server.arguments import job_parser
+from server.batch.journal import Journal, job_identity
+from server.batch.tables import BadInput, Row, count_rows, read_rows, table_format, windows
+from server.engines.hf.scorer import token_budget_chunks
+from server.policy import read_policy
+from server.prompts import scoring_chars, scoring_input, unicode_text
+from server.reward import RewardModelInfo, read_reward_model
+from server.threads import apply_torch_threads
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Scored:
+    """One window's rows with their reward-model inputs, flattened across responses."""
+
+    records: list[dict[str, Any]]  # the rows kept, in input order
+    inputs: list[list[int]]  # RM token ids, row by row, response by response
+    owners: list[tuple[int, int | None]]  # (record index, response index; None: a "response" row)
+    skipped: int
+
+
+def _messages(prompt: Any) -> bool:
+    return isinstance(prompt, list) and all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+        for m in prompt
+    )
+
+
+def _responses(record: dict[str, Any], place: str) -> tuple[list[str], bool]:
+    """The row's responses, and whether it gave a single "response"."""
+    if ("response" in record) == ("responses" in record):
+        raise BadInput(f'{place}: give exactly one of "response" (a string) or "responses" (a list)')
+    if "response" in record:
+        if not isinstance(record["response"], str):
+            raise BadInput(f'{place}: "response" must be a string')
+        return [record["response"]], True
+    responses = record["responses"]
+    if not isinstance(responses, list) or not all(isinstance(r, str) for r in responses):
+        raise BadInput(f'{place}: "responses" must be a list of strings')
+    return responses, False
+
+
+def row_inputs(row: Row, rm: RewardModelInfo, policy_tokenizer) -> tuple[list[list[int]], bool]:
+    """A row's RM inputs (one per response) and whether it had a single "response"; BadInput naming
+    the row and field when it cannot be scored as given."""
+    record, place = row.record, row.place
+    prompt = record.get("prompt")
+    if not isinstance(prompt, str) and not _messages(prompt):
+        raise BadInput(f'{place}: "prompt" must be a string or a list of {{"role", "content"}} messages')
+    responses, single = _responses(record, place)
+    texts = [prompt] if isinstance(prompt, str) else [m["content"] for m in prompt]
+    for name, text in [("prompt", t) for t in texts] + [("response", r) for r in responses]:
+        try:
+            unicode_text(text)
+        except ValueError as error:
+            raise BadInput(f"{place}: {name} {error}") from None
+    inputs = []
+    for index, response in enumerate(responses):
+        if scoring_chars(prompt, response) > rm.max_chars:
+            raise BadInput(
+                f"{place}: response {index} cannot fit the reward model's {rm.max_length}-token context"
+            )
+        ids = scoring_input(rm, prompt, response, policy_tokenizer)
+        if len(ids) > rm.max_length:
+            raise BadInput(
+                f"{place}: response {index} is {len(ids)} reward-model tokens, over its context of "
+                f"{rm.max_length}; rows are never truncated"
+            )
+        inputs.append(ids)
+    return inputs, single
+
+
+class ScoreJob:
+    def __init__(self, rm: RewardModelInfo, policy_tokenizer, scorer, weights, skip_bad_rows: bool):
+        self.rm, self.policy_tokenizer = rm, policy_tokenizer
+        self.scorer, self.weights = scorer, weights
+        self.skip_bad_rows = skip_bad_rows
+        self.bad_places: list[str] = []
+        self.tokens = 0
+        self.padded_tokens = 0  # tokens of the padded batches a transformers forward runs
+
+    def prepare(self, window: list[Row | BadInput]) -> Scored:
+        scored = Scored([], [], [], 0)
+        for row in window:
+            try:
+                if isinstance(row, BadInput):
+                    raise row
+                inputs, single = row_inputs(row, self.rm, self.policy_tokenizer)
+            except BadInput as error:
+                if not self.skip_bad_rows:
+                    raise
+                scored.skipped += 1
+                if len(self.bad_places) < 10:
+                    log.warning("skipping %s", error)
+                self.bad_places.append(str(error).split(": ", 1)[0])
+                continue
+            index = len(scored.records)
+            scored.records.append(dict(row.record))
+            scored.owners += [(index, None)] if single else [(index, j) for j in range(len(inputs))]
+            scored.inputs += inputs
+            if not single:
+                scored.records[index]["rewards"] = [0.0] * len(inputs)
+        return scored
+
+    async def score(self, scored: Scored, batch_tokens: int) -> None:
+        """Rewards in, sorted by length for the forward passes and put back in input order."""
+        order = sorted(range(len(scored.inputs)), key=lambda i: len(scored.inputs[i]))
+        by_length = [scored.inputs[i] for i in order]
+        rewards = await self.scorer.score(by_length, self.weights)
+        self.tokens += sum(len(ids) for ids in by_length)
+        self.padded_tokens += sum(
+            len(chunk) * len(chunk[-1]) for chunk in token_budget_chunks(by_length, batch_tokens)
+        )
+        for position, reward in zip(order, rewards, strict=True):
+            record_index, response_index = scored.owners[position]
+            record = scored.records[record_index]
+            if response_index is None:
+                record["reward"] = reward
+            else:
+                record["rewards"][response_index] = reward
+
+
+def reward_summary(rewards: list[float]) -> dict[str, float]:
+    if not rewards:
+        return {"count": 0}
+    quantiles = statistics.quantiles(rewards, n=20, method="inclusive") if len(rewards) > 1 else rewards * 19
+    return {
+        "count": len(rewards),
+        "mean": statistics.fmean(rewards),
+        "std": statistics.pstdev(rewards),
+        "min": min(rewards),
+        "p05": quantiles[0],
+        "p25": quantiles[4],
+        "p50": quantiles[9],
+        "p75": quantiles[14],
+        "p95": quantiles[18],
+        "max": max(rewards),
+    }
+
+
+def _parser():
+    parser, required = job_parser("bon score", __doc__)
+    parser.add_argument("input", type=Path, help="rows to score (.jsonl or .parquet)")
+    required.add_argument("-o", "--output", type=Path, required=True, help=".jsonl or .parquet")
+    required.add_argument(
+        "--reward-model", type=Path, required=True, help="HF sequence-classification directory"
+    )
+    parser.add_argument(
+        "--policy",
+        type=Path,
+        help="render chat prompts with this policy's template when the RM has none (as the server does)",
+    )
+    parser.add_argument("--resume", action="store_true", help="finish a job that was stopped or killed")
+    parser.add_argument(
+        "--skip-bad-rows", action="store_true", help="skip and count rows that cannot be scored"
+    )
+    parser.add_argument(
+        "--engine", choices=["transformers", "vllm"], help="default: BON_REWARD_ENGINE or transformers"
+    )
+    parser.add_argument("--device", default="cpu", help="cpu, cuda (each process takes cuda:LOCAL_RANK)")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
+    parser.add_argument(
+        "--window-rows", type=int, default=4096, help="rows read, sorted and written together"
+    )
+    parser.add_argument(
+        "--batch-tokens", type=int, default=16384, help="reward-model tokens per forward pass"
+    )
+    parser.add_argument(
+        "--torch-threads", type=int, default=0, help="intra-op CPU threads; 0: half the cores"
+    )
+    return parser
+
+
+def _scorer(args, rank: int):
+    from server.engines.build import build_scorer
+    from server.settings import Settings
+
+    device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if args.device == "cuda" else args.device
+    given = {"reward_engine": args.engine} if args.engine else {}
+    # Settings is the server's: a scoring job has no policy, so the field names the RM (never loaded
+    # as one); the vLLM options come from BON_VLLM_* like the server's.
+    settings = Settings(
+        policy=args.reward_model,
+        reward_model=args.reward_model,
+        device=device,
+        dtype=args.dtype,
+        max_batch_tokens=args.batch_tokens,
+        **given,
+    )
+    return build_scorer(settings), settings.reward_engine
+
+
+async def run(args) -> dict[str, Any]:
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    table_format(args.input), table_format(args.output)
+    if args.window_rows < 1 or args.batch_tokens < 1:
+        raise BadInput("--window-rows and --batch-tokens must be at least 1")
+    if not args.input.is_file():
+        raise BadInput(f"{args.input}: no such file")
+    rm = read_reward_model(args.reward_model)
+    policy_tokenizer = read_policy(args.policy).tokenizer if args.policy else rm.tokenizer
+    identity = job_identity(
+        args.input, window_rows=args.window_rows, world=world, reward_model=str(rm.path), version=rm.version
+    )
+    journal = Journal(args.output, rank, world, identity)
+    if args.resume and args.output.exists() and not journal.leftovers():
+        return {"output": str(args.output), "note": "already complete; nothing to do"}
+    last_done = journal.open(args.resume)
+    scorer, engine = _scorer(args, rank)
+    started = time.monotonic()
+    try:
+        job = ScoreJob(rm, policy_tokenizer, scorer, await scorer.load(rm), args.skip_bad_rows)
+        total = count_rows(args.input)
+        bar = tqdm(total=total, unit=" rows", disable=rank != 0, dynamic_ncols=True)
+        count, rows_scored = 0, 0
+        for index, window in enumerate(windows(read_rows(args.input, args.window_rows), args.window_rows)):
+            count = index + 1
+            if index % world == rank and index > last_done:
+                scored = job.prepare(window)
+                await job.score(scored, args.batch_tokens)
+                journal.append(index, scored.records, scored.skipped)
+                rows_scored += len(scored.records)
+            bar.update(len(window))
+            elapsed = time.monotonic() - started
+            bar.set_postfix_str(f"{job.tokens / max(elapsed, 1e-9):,.0f} tok/s (this process)")
+        bar.close()
+        journal.finish(count)
+    finally:
+        await scorer.close()
+    seconds = time.monotonic() - started
+    mine = {"rows_scored": rows_scored, "tokens": job.tokens, "seconds": round(seconds, 2)}
+    if rank != 0:
+        return {"rank": rank, **mine}
+    journal.wait_for_all()
+    rewards: list[float] = []
+    skipped = journal.skipped()  # every process's, this run's and earlier runs'
+    written = journal.merge(
+        count, lambda r: rewards.append(r["reward"]) if "reward" in r else rewards.extend(r["rewards"])
+    )
+    return {
+        "output": str(args.output),
+        "rows": written,
+        "skipped_bad_rows": skipped,
+        "engine": engine,
+        "processes": world,
+        **mine,
+        "rows_per_second": round(rows_scored / max(seconds, 1e-9), 1),
+        "tokens_per_second": round(job.tokens / max(seconds, 1e-9), 1),
+        "padding_waste": round(1 - job.tokens / job.padded_tokens, 4)
+        if job.padded_tokens and engine == "transformers"
+        else None,
+        "reward": reward_summary(rewards),
+    }
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Run the job; a user's mistake raises BadInput (or CheckpointError), which `bon` prints as
+    one line."""
+    args = _parser().parse_args(argv)
+    apply_torch_threads(args.torch_threads)
+    return asyncio.run(run(args))

@@ -1,0 +1,129 @@
+"""Row files of the batch jobs: JSONL or Parquet, chosen by extension, read as a stream of windows.
+
+A window is a list of `Row`s: the record as read, and where it came from (`file:line` for JSONL,
+`file:row N` for Parquet), so that every message about a bad row names its place.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+FORMATS = {".jsonl": "jsonl", ".parquet": "parquet"}
+
+
+class BadInput(ValueError):
+    """A file or row a job cannot use; the message names it (file, line or row, field) and the fix."""
+
+
+@dataclass
+class Row:
+    record: dict[str, Any]
+    place: str  # "file:line" or "file:row N"
+
+
+def table_format(path: Path) -> str:
+    if path.suffix not in FORMATS:
+        raise BadInput(f"{path}: unknown extension {path.suffix!r}; name the file .jsonl or .parquet")
+    return FORMATS[path.suffix]
+
+
+def count_rows(path: Path) -> int | None:
+    """Rows in the file, cheaply: Parquet metadata, or the newlines of a JSONL file (read in
+    blocks, never whole); None when unknown."""
+    if table_format(path) == "parquet":
+        return pq.ParquetFile(path).metadata.num_rows
+    count = 0
+    with path.open("rb") as f:
+        while block := f.read(1 << 24):
+            count += block.count(b"\n")
+    return count
+
+
+def _jsonl_rows(path: Path) -> Iterator[Row | BadInput]:
+    with path.open("rb") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            place = f"{path}:{number}"
+            try:
+                record = json.loads(line)
+            except (json.JSONDecodeError, UnicodeDecodeError) as error:
+                yield BadInput(f"{place}: not a JSON object ({error})")
+                continue
+            yield Row(record, place) if isinstance(record, dict) else BadInput(f"{place}: not a JSON object")
+
+
+def _parquet_rows(path: Path, window: int) -> Iterator[Row]:
+    number = 0
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=window):
+        for record in batch.to_pylist():
+            yield Row(record, f"{path}:row {number}")
+            number += 1
+
+
+def read_rows(path: Path, window: int) -> Iterator[Row | BadInput]:
+    """Every row in file order; a row that cannot be read comes as a BadInput in its place."""
+    if not path.is_file():
+        raise BadInput(f"{path}: no such file")
+    if table_format(path) == "jsonl":
+        return _jsonl_rows(path)
+    try:
+        pq.ParquetFile(path)
+    except (pa.ArrowInvalid, OSError) as error:
+        raise BadInput(f"{path}: not a Parquet file ({error})") from None
+    return _parquet_rows(path, window)
+
+
+def windows(rows: Iterator[Row | BadInput], size: int) -> Iterator[list[Row | BadInput]]:
+    window: list[Row | BadInput] = []
+    for row in rows:
+        window.append(row)
+        if len(window) == size:
+            yield window
+            window = []
+    if window:
+        yield window
+
+
+class TableWriter:
+    """Writes records to a JSONL or Parquet file chunk by chunk (Parquet: one row group per chunk,
+    with the schema of the first chunk)."""
+
+    def __init__(self, path: Path):
+        self.path, self.format = path, table_format(path)
+        self._file = path.open("w") if self.format == "jsonl" else None
+        self._parquet: pq.ParquetWriter | None = None
+
+    def write(self, records: list[dict[str, Any]]) -> None:
+        if not records:
+            return
+        if self._file is not None:
+            self._file.write("".join(json.dumps(r) + "\n" for r in records))
+            return
+        if self._parquet is None:
+            table = pa.Table.from_pylist(records)
+            self._parquet = pq.ParquetWriter(self.path, table.schema)
+        else:
+            try:
+                table = pa.Table.from_pylist(records, schema=self._parquet.schema)
+            except (pa.ArrowInvalid, pa.ArrowTypeError) as error:
+                raise BadInput(
+                    f"{self.path}: rows of different shapes cannot share one Parquet schema ({error}); "
+                    "write .jsonl instead"
+                ) from None
+        self._parquet.write_table(table)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+        if self._parquet is not None:
+            self._parquet.close()
+        elif self.format == "parquet":  # no rows at all: an empty file with no columns
+            pq.write_table(pa.table({}), self.path)

@@ -1,0 +1,216 @@
+"""`bon score`: rewards equal to `/v1/score` and to a plain forward, every row kept in order, bad
+rows named, kill -9 then --resume gives every row exactly once, torchrun shards merge in order."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pyarrow.parquet as pq
+import pytest
+from conftest import API_KEYS, ENGINE
+from reference import completion_reward
+
+BON = [sys.executable, "-m", "bon"]
+MESSAGES = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "name a colour"}]
+
+
+def bon_score(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([*BON, "score", *map(str, args)], capture_output=True, text=True, timeout=timeout)
+
+
+def summary_of(result: subprocess.CompletedProcess) -> dict:
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout)
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def mixed_rows(count: int) -> list[dict]:
+    """Text and chat prompts, single responses and lists, of varied lengths, each with an id."""
+    rows = []
+    for i in range(count):
+        if i % 3 == 0:
+            rows.append(
+                {"id": i, "prompt": "2 + 3 =" * (1 + i % 7), "responses": [" 5", " six" * (i % 4), ""]}
+            )
+        elif i % 3 == 1:
+            rows.append({"id": i, "prompt": MESSAGES, "response": "blue " * (1 + i % 5), "tag": ["x", i]})
+        else:
+            rows.append({"id": i, "prompt": "colour:" + " red" * (i % 11), "response": " green"})
+    return rows
+
+
+def server_scores(server, key: str | None, row: dict) -> list[float]:
+    responses = row["responses"] if "responses" in row else [row["response"]]
+    body = httpx.post(
+        f"{server.url}/v1/score",
+        headers={"Authorization": f"Bearer {key}"} if key else {},
+        json={"prompt": row["prompt"], "responses": responses},
+        timeout=60,
+    ).json()
+    return [d["reward"] for d in body["data"]]
+
+
+@pytest.mark.parametrize("which", ["server", "server_b"])
+def test_rewards_equal_the_servers_score_route(which, request, tmp_path, pair_gpt2_llama, pair_qwen2_gpt2):
+    """Both RM input rules: a Llama RM with its own chat template, and a GPT-2 RM without one (chat
+    prompts rendered by the policy's template, given with --policy as the server has it)."""
+    server = request.getfixturevalue(which)
+    pair, key = (pair_gpt2_llama, API_KEYS[0]) if which == "server" else (pair_qwen2_gpt2, "env-key")
+    rows = mixed_rows(30)
+    source = write_jsonl(tmp_path / "in.jsonl", rows)
+    out = tmp_path / "out.jsonl"
+    summary = summary_of(bon_score(source, "-o", out, "--reward-model", pair.reward_model,
+                                   "--policy", pair.policy, "--window-rows", 7))  # fmt: skip
+    assert summary["rows"] == 30 and summary["reward"]["count"] == 10 * 3 + 20
+    scored = read_jsonl(out)
+    assert [r["id"] for r in scored] == list(range(30))
+    for row, got in zip(rows, scored, strict=True):
+        assert {k: v for k, v in got.items() if k not in ("reward", "rewards")} == row
+        mine = got["rewards"] if "responses" in row else [got["reward"]]
+        assert mine == pytest.approx(server_scores(server, key, row), rel=1e-4, abs=1e-5)
+    text_row = rows[2]
+    assert scored[2]["reward"] == pytest.approx(
+        completion_reward(pair.reward_model, text_row["prompt"], text_row["response"]), rel=1e-4, abs=1e-5
+    )
+
+
+def test_parquet_in_and_out_keeps_every_field_and_the_order(tmp_path, pair_gpt2_llama):
+    import pyarrow as pa
+
+    rows = [{"n": i, "prompt": f"item {i}:", "responses": ["a", "bb" * i]} for i in range(20)]
+    source = tmp_path / "in.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), source)
+    out = tmp_path / "out.parquet"
+    summary_of(
+        bon_score(source, "-o", out, "--reward-model", pair_gpt2_llama.reward_model, "--window-rows", 6)
+    )
+    scored = pq.read_table(out).to_pylist()
+    assert [r["n"] for r in scored] == list(range(20))
+    for row, got in zip(rows, scored, strict=True):
+        assert got["responses"] == row["responses"]
+        assert got["rewards"][1] == pytest.approx(
+            completion_reward(pair_gpt2_llama.reward_model, row["prompt"], row["responses"][1]),
+            rel=1e-4,
+            abs=1e-5,
+        )
+
+
+def test_a_bad_row_is_named_by_file_and_line_and_can_be_skipped(tmp_path, pair_gpt2_llama):
+    rows = mixed_rows(6)
+    lines = [json.dumps(r) for r in rows]
+    lines.insert(2, '{"prompt": "no response here"}')
+    lines.insert(4, "{not json")
+    lines.insert(5, json.dumps({"prompt": "x", "response": "y" * 400_000}))
+    source = tmp_path / "in.jsonl"
+    source.write_text("\n".join(lines) + "\n")
+    rm = pair_gpt2_llama.reward_model
+
+    stopped = bon_score(source, "-o", tmp_path / "out.jsonl", "--reward-model", rm)
+    assert stopped.returncode == 2 and "Traceback" not in stopped.stderr
+    assert f"{source}:3:" in stopped.stderr and '"response"' in stopped.stderr
+    assert not (tmp_path / "out.jsonl").exists()
+
+    out = tmp_path / "skipped.jsonl"
+    summary = summary_of(bon_score(source, "-o", out, "--reward-model", rm, "--skip-bad-rows"))
+    assert summary["skipped_bad_rows"] == 3 and summary["rows"] == 6
+    assert [r["id"] for r in read_jsonl(out)] == list(range(6))
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["in.csv", "-o", "out.jsonl"], "name the file .jsonl or .parquet"),
+        (["missing.jsonl", "-o", "out.jsonl"], "no such file"),
+        (["in.jsonl", "-o", "out.txt"], "name the file .jsonl or .parquet"),
+    ],
+)
+def test_user_mistakes_get_one_line(tmp_path, pair_gpt2_llama, args, message):
+    write_jsonl(tmp_path / "in.jsonl", mixed_rows(2))
+    (tmp_path / "in.csv").write_text("prompt,response\n")
+    result = subprocess.run(
+        [*BON, "score", *args, "--reward-model", str(pair_gpt2_llama.reward_model)],
+        capture_output=True, text=True, cwd=tmp_path, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_an_existing_output_is_kept_and_a_finished_job_resumes_to_nothing(tmp_path, pair_gpt2_llama):
+    source = write_jsonl(tmp_path / "in.jsonl", mixed_rows(4))
+    out = tmp_path / "out.jsonl"
+    rm = pair_gpt2_llama.reward_model
+    summary_of(bon_score(source, "-o", out, "--reward-model", rm))
+    before = out.read_bytes()
+    again = bon_score(source, "-o", out, "--reward-model", rm)
+    assert again.returncode == 2 and "exists" in again.stderr
+    assert (
+        "already complete"
+        in summary_of(bon_score(source, "-o", out, "--reward-model", rm, "--resume"))["note"]
+    )
+    assert out.read_bytes() == before
+
+
+def test_kill_9_then_resume_gives_every_row_exactly_once_in_order(tmp_path, pair_gpt2_llama):
+    rows = mixed_rows(3000)
+    source = write_jsonl(tmp_path / "in.jsonl", rows)
+    rm = pair_gpt2_llama.reward_model
+    reference = tmp_path / "reference.jsonl"
+    summary_of(bon_score(source, "-o", reference, "--reward-model", rm, "--window-rows", 100))
+
+    out = tmp_path / "out.jsonl"
+    command = [*BON, "score", str(source), "-o", str(out), "--reward-model", str(rm), "--window-rows", "100"]
+    journal = tmp_path / "out.jsonl.journal0"
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if journal.exists() and journal.read_text().count('"window"') >= 3:
+            break
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    windows_done = journal.read_text().count('"window"')
+    assert 3 <= windows_done < 30, "the job was not killed half-way"
+    assert not out.exists()
+
+    summary = summary_of(bon_score(source, "-o", out, "--reward-model", rm, "--window-rows", 100, "--resume"))
+    assert summary["rows_scored"] == 3000 - 100 * windows_done
+    assert read_jsonl(out) == read_jsonl(reference)
+    assert not list(tmp_path.glob("out.jsonl.*"))
+
+
+@pytest.mark.skipif(ENGINE == "vllm", reason="two vLLM engines at once do not fit this machine's cores")
+def test_torchrun_shards_merge_into_one_file_in_input_order(tmp_path, pair_gpt2_llama):
+    rows = mixed_rows(200)
+    source = write_jsonl(tmp_path / "in.jsonl", rows)
+    rm = pair_gpt2_llama.reward_model
+    single = tmp_path / "single.jsonl"
+    summary_of(bon_score(source, "-o", single, "--reward-model", rm, "--window-rows", 16))
+    out = tmp_path / "sharded.jsonl"
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
+    result = subprocess.run(
+        [torchrun, "--nproc-per-node", "2", "-m", "bon", "score", str(source), "-o", str(out),
+         "--reward-model", str(rm), "--window-rows", "16", "--torch-threads", "1"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    sharded = read_jsonl(out)
+    assert [r["id"] for r in sharded] == list(range(200))
+    for a, b in zip(sharded, read_jsonl(single), strict=True):
+        assert a.get("reward", a.get("rewards")) == pytest.approx(
+            b.get("reward", b.get("rewards")), rel=1e-4, abs=1e-5
+        )
