@@ -101,11 +101,11 @@ def _export(args: argparse.Namespace) -> int:
     from server.log.export import export_samples
 
     try:
-        count = export_samples(args.sample_log, args.output, args.format)
+        count = export_samples(args.sample_log, args.output, args.format, args.min_margin)
     except (FileNotFoundError, ValueError) as error:
         print(f"bon export-samples: {error}", file=sys.stderr)
         return 2
-    print(f"wrote {count} candidates to {args.output}")
+    print(f"wrote {count} {args.format} to {args.output}")
     return 0
 
 
@@ -176,8 +176,13 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--sample-log", type=Path, required=True, help="the SQLite file bon serve wrote")
     export.add_argument(
         "--format",
-        choices=["jsonl", "parquet"],
-        help="default: from the output's extension (.jsonl, .parquet)",
+        choices=["candidates", "pairs"],
+        default="candidates",
+        help="candidates: one record per candidate; pairs: best vs worst per prompt (prompt, chosen, "
+        "rejected: what TRL's DPO trainer reads). The file format follows the extension",
+    )
+    export.add_argument(
+        "--min-margin", type=float, default=0.0, help="pairs: drop those whose rewards differ by less"
     )
     export.add_argument("-o", "--output", type=Path, required=True)
     export.set_defaults(func=_export)

@@ -74,7 +74,7 @@ def test_export_samples(server, tmp_path, fmt):
     import time
 
     time.sleep(1.0)  # let the writer commit
-    result = export("--sample-log", str(server.sample_log), "--format", fmt, "-o", str(out))
+    result = export("--sample-log", str(server.sample_log), "-o", str(out))
     assert result.returncode == 0, result.stderr
     rows = read_records(server.sample_log)
     if fmt == "jsonl":
@@ -104,6 +104,44 @@ def test_export_samples(server, tmp_path, fmt):
         assert record["policy"] == {"path": row["policy"], "version": row["policy_version"]}
     chat = [r for r in exported if r["request_id"].startswith("chatcmpl-")]
     assert chat and chat[-1]["prompt"] == [{"role": "user", "content": "hi"}]
+
+
+def test_export_pairs_best_against_worst_per_prompt(server, tmp_path):
+    import time
+
+    import httpx
+
+    headers = {"Authorization": f"Bearer {API_KEYS[0]}"}
+    for prompt in ("pairs one", "pairs two"):
+        body = {"model": "gpt2_policy", "prompt": prompt, "best_of": 6, "max_tokens": 4, "seed": 5}
+        httpx.post(f"{server.url}/v1/completions", headers=headers, json=body).raise_for_status()
+    messages = [{"role": "user", "content": "pairs chat"}]
+    body = {"model": "gpt2_policy", "messages": messages, "best_of": 6, "max_tokens": 4}
+    httpx.post(f"{server.url}/v1/chat/completions", headers=headers, json=body).raise_for_status()
+    time.sleep(1.0)  # let the writer commit
+    out = tmp_path / "pairs.jsonl"
+    result = export("--sample-log", str(server.sample_log), "--format", "pairs", "-o", str(out))
+    assert result.returncode == 0, result.stderr
+    pairs = {json.dumps(p["prompt"]): p for p in map(json.loads, out.read_text().splitlines())}
+    by_prompt: dict[str, list[dict]] = {}
+    for row in read_records(server.sample_log):
+        by_prompt.setdefault(json.dumps(row["prompt"]), []).append(row)
+    for prompt in ('"pairs one"', '"pairs two"', json.dumps(messages)):
+        rewards = {r["completion"]: r["reward"] for r in by_prompt[prompt]}
+        pair = pairs[prompt]
+        chosen, rejected = pair["chosen"], pair["rejected"]
+        if prompt.startswith("["):  # chat: TRL's conversational form
+            chosen, rejected = chosen[0]["content"], rejected[0]["content"]
+            assert pair["chosen"][0]["role"] == "assistant"
+        assert rewards[chosen] == pair["chosen_reward"] == max(rewards.values())
+        assert rewards[rejected] == pair["rejected_reward"] == min(rewards.values())
+    margins = sorted(p["chosen_reward"] - p["rejected_reward"] for p in pairs.values())
+    cut = (margins[0] + margins[1]) / 2
+    result = export("--sample-log", str(server.sample_log), "--format", "pairs", "--min-margin", str(cut),
+                    "-o", str(tmp_path / "wide.jsonl"))  # fmt: skip
+    kept = [json.loads(line) for line in (tmp_path / "wide.jsonl").read_text().splitlines()]
+    assert len(kept) == sum(m >= cut for m in margins) < len(pairs)
+    assert all(p["chosen_reward"] - p["rejected_reward"] >= cut for p in kept)
 
 
 def test_export_of_a_missing_log_is_a_clear_error(tmp_path):

@@ -1,4 +1,5 @@
-"""`bon export-samples`: the candidate log as JSONL or Parquet, one record per candidate."""
+"""`bon export-samples`: the candidate log as JSONL or Parquet, one record per candidate, or as
+best-versus-worst preference pairs (`--format pairs`) for DPO."""
 
 from __future__ import annotations
 
@@ -22,34 +23,76 @@ def export_record(record: dict) -> dict:
 FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet"}
 
 
-def format_of(output: Path, fmt: str | None) -> str:
-    """The format asked for, or the one the output's extension names."""
-    if fmt is not None:
-        return fmt
+def file_format(output: Path) -> str:
     if output.suffix not in FORMATS:
         raise ValueError(
-            f"cannot tell the format of {output} from its extension: name it .jsonl or .parquet, "
-            "or give --format"
+            f"cannot tell the file format of {output} from its extension: name it .jsonl or .parquet"
         )
     return FORMATS[output.suffix]
 
 
-def export_samples(sample_log: Path, output: Path, fmt: str | None = None) -> int:
-    """Write every candidate of `sample_log` to `output`; returns how many were written."""
-    fmt = format_of(output, fmt)
-    records = [export_record(r) for r in read_records(sample_log)]
+def preference_pairs(records: list[dict], min_margin: float = 0.0) -> list[dict]:
+    """One pair per prompt: its highest-reward candidate as chosen, its lowest as rejected.
+
+    Candidates are compared only when the same reward-model version scored them (rewards of two
+    reward models are not on one scale). Pairs closer than `min_margin`, or of identical texts,
+    say nothing and are dropped. Chat prompts give TRL's conversational form (the responses as
+    assistant turns); text prompts its standard form.
+    """
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for record in records:
+        key = (json.dumps(record["prompt"], sort_keys=True), record["reward_model_version"])
+        groups.setdefault(key, []).append(record)
+    pairs = []
+    for group in groups.values():
+        best = max(group, key=lambda r: r["reward"])
+        worst = min(group, key=lambda r: r["reward"])
+        margin = best["reward"] - worst["reward"]
+        if best["completion"] == worst["completion"] or margin < min_margin or margin <= 0:
+            continue
+        chat = isinstance(best["prompt"], list)
+        turn = (lambda text: [{"role": "assistant", "content": text}]) if chat else (lambda text: text)
+        pairs.append(
+            {
+                "prompt": best["prompt"],
+                "chosen": turn(best["completion"]),
+                "rejected": turn(worst["completion"]),
+                "chosen_reward": best["reward"],
+                "rejected_reward": worst["reward"],
+                "candidates": len(group),
+            }
+        )
+    return pairs
+
+
+def export_samples(sample_log: Path, output: Path, shape: str = "candidates", min_margin: float = 0.0) -> int:
+    """Write `sample_log` to `output` as candidates or pairs; returns how many records were written."""
+    fmt = file_format(output)
+    records = read_records(sample_log)
+    if shape == "pairs":
+        rows = preference_pairs(records, min_margin)
+    elif shape == "candidates":
+        rows = [export_record(r) for r in records]
+    else:
+        raise ValueError(f"unknown --format {shape!r}; choose candidates or pairs")
     output.parent.mkdir(parents=True, exist_ok=True)
     if fmt == "jsonl":
         with output.open("w") as f:
-            for record in records:
-                f.write(json.dumps(record) + "\n")
-    elif fmt == "parquet":
+            for row in rows:
+                f.write(json.dumps(row) + "\n")
+        return len(rows)
+    if shape == "candidates":
         # prompt is a string or a messages list, params a dict of mixed types: keep both as JSON
         # text so every row has one type.
-        for record in records:
-            record["prompt"] = json.dumps(record["prompt"])
-            record["params"] = json.dumps(record["params"])
-        pq.write_table(pa.Table.from_pylist(records), output)
-    else:
-        raise ValueError(f"unknown format {fmt!r}; choose jsonl or parquet")
-    return len(records)
+        for row in rows:
+            row["prompt"] = json.dumps(row["prompt"])
+            row["params"] = json.dumps(row["params"])
+    try:
+        table = pa.Table.from_pylist(rows)
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        raise ValueError(
+            f"the log mixes text and chat prompts, which one Parquet column cannot hold; write "
+            f"{output.with_suffix('.jsonl')} instead"
+        ) from None
+    pq.write_table(table, output)
+    return len(rows)
