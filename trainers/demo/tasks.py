@@ -99,6 +99,18 @@ def suite(
     return train, held_out
 
 
+def item_of(prompt: str) -> Item | None:
+    """The suite's item a prompt asks about, so its gold score can be computed; None for a prompt
+    of no task here."""
+    for task, lead, answer in (
+        ("last", "last letter of ", lambda w: w[-1]),
+        ("largest", "largest digit in ", max),
+    ):
+        if prompt.startswith(lead) and prompt.endswith(":") and len(prompt) > len(lead) + 1:
+            return Item(task, prompt, answer(prompt[len(lead) : -1]))
+    return None
+
+
 def demonstration(item: Item, mistake_rate: float, rng: random.Random) -> str:
     """The answer a careless labeller writes: now and then another character of the prompt."""
     others = [c for c in item.subject if c != item.answer]  # none in "ppp": no slip to make

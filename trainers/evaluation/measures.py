@@ -1,0 +1,70 @@
+"""One policy's measures from its pools of samples: reward and gold vs N, KL, win rate, diversity."""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass
+
+from trainers.data import Prompt
+from trainers.evaluation.estimators import (
+    distinct_n,
+    expected_best_of_n,
+    kl_bound_at_n,
+    mean_with_interval,
+    mean_with_stderr,
+    powers_of_two,
+    win_probabilities,
+    win_rate_at_n,
+    win_rate_ceiling_at_n,
+)
+
+
+@dataclass
+class Pool:
+    """K samples of one prompt from one policy."""
+
+    prompt: Prompt
+    completions: list[str]
+    rewards: list[float]  # the reward model's (proxy)
+    gold: list[float] | None = None  # a gold scorer's, where one exists
+    log_ratios: list[float] | None = None  # log p_policy - log p_reference of each completion
+
+
+def _at_n(pools: list[Pool], ns: list[int], value) -> dict[str, dict[str, float]]:
+    return {str(n): mean_with_interval([value(pool, n) for pool in pools], seed=n) for n in ns}
+
+
+def measure(pools: list[Pool], reference: list[Pool] | None = None) -> dict:
+    """Every measure of one policy. `reference`, aligned with `pools` by prompt, adds win rates."""
+    k = min(len(p.rewards) for p in pools)
+    ns = powers_of_two(k)
+    result: dict = {
+        "prompts": len(pools),
+        "samples_per_prompt": k,
+        "reward_at_n": _at_n(pools, ns, lambda p, n: expected_best_of_n(p.rewards, n)),
+        "kl_bound_at_n": {str(n): kl_bound_at_n(n) for n in ns},
+        "win_rate_ceiling_at_n": {str(n): win_rate_ceiling_at_n(n) for n in ns},
+    }
+    if all(p.gold is not None for p in pools):
+        result["gold_at_n"] = _at_n(pools, ns, lambda p, n: expected_best_of_n(p.rewards, n, p.gold))
+    if all(p.log_ratios is not None for p in pools):
+        result["kl_to_reference"] = mean_with_stderr([r for p in pools for r in p.log_ratios])
+    if reference is not None:
+        by_prompt = list(zip(pools, reference, strict=True))
+        result["win_rate_vs_reference"] = mean_with_interval(
+            [float(win_probabilities(p.rewards, r.rewards).mean()) for p, r in by_prompt]
+        )
+        result["win_rate_at_n_vs_reference"] = {
+            str(n): mean_with_interval([win_rate_at_n(p.rewards, r.rewards, n) for p, r in by_prompt], seed=n)
+            for n in ns
+        }
+    result["diversity"] = {
+        f"distinct_{n}": {
+            "across_inputs": distinct_n([c for p in pools for c in p.completions], n),
+            "per_input": statistics.fmean(distinct_n(p.completions, n) for p in pools),
+        }
+        for n in range(1, 5)
+    }
+    lengths = [len(c) for p in pools for c in p.completions]
+    result["completion_chars"] = {"mean": statistics.fmean(lengths), "median": statistics.median(lengths)}
+    return result

@@ -1,0 +1,168 @@
+"""`bon eval`'s output: eval.json for scripts, report.md for people, PNG plots for both."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display on a server
+import matplotlib.pyplot as plt  # noqa: E402
+
+EXPLAINED = """\
+- **reward@N**: the expected reward-model score of the best of N samples, estimated from all K
+  samples of each prompt without bias (trainers/evaluation/estimators.py), averaged over prompts;
+  [low, high] is a 95 % bootstrap interval over prompts.
+- **gold@N**: the gold scorer's score of that same chosen sample. Where reward@N keeps rising and
+  gold@N stalls or falls, best-of-N is over-optimising the reward model.
+- **KL bound**: KL(best-of-N || policy) = log N - (N-1)/N, what choosing costs in divergence.
+- **KL to reference**: a Monte-Carlo estimate of KL(policy || reference) from the policy's own
+  samples (mean of log p - log p_ref), with its standard error; 0 for the reference itself.
+- **win@N vs reference**: the chance that the best of N beats one reference sample, judged by the
+  reward model (ties half). Against the policy itself the ceiling is N/(N+1).
+- **distinct-n**: distinct word n-grams over all of them, across all completions (does the policy
+  say different things to different inputs?) and per input (does it say different things to the
+  same input? what best-of-N needs to have a choice).
+"""
+
+
+def _interval(cell: dict | None) -> str:
+    return "" if cell is None else f"{cell['mean']:.4f} [{cell['low']:.4f}, {cell['high']:.4f}]"
+
+
+def markdown(report: dict) -> str:
+    lines = ["# bon eval", ""]
+    for name, result in report["policies"].items():
+        lines += [
+            f"## {name}",
+            "",
+            f"{result['prompts']} prompts, {result['samples_per_prompt']} samples each.",
+        ]
+        if "kl_to_reference" in result:
+            kl = result["kl_to_reference"]
+            lines.append(f"KL to reference: {kl['mean']:.4f} ± {kl['stderr']:.4f} nats.")
+        if "win_rate_vs_reference" in result:
+            lines.append(
+                f"Win rate vs reference (one sample each): {_interval(result['win_rate_vs_reference'])}."
+            )
+        lines += [
+            "",
+            "| N | reward@N | gold@N | KL bound | win@N vs reference | ceiling N/(N+1) |",
+            "|---|---|---|---|---|---|",
+        ]
+        for n in result["reward_at_n"]:
+            gold = result.get("gold_at_n", {}).get(n)
+            lines.append(
+                f"| {n} | {_interval(result['reward_at_n'][n])} | {_interval(gold)} "
+                f"| {result['kl_bound_at_n'][n]:.3f} "
+                f"| {_interval(result.get('win_rate_at_n_vs_reference', {}).get(n))} "
+                f"| {result['win_rate_ceiling_at_n'][n]:.3f} |"
+            )
+        lines += ["", "| n | distinct-n across inputs | distinct-n per input |", "|---|---|---|"]
+        for key, cell in result["diversity"].items():
+            lines.append(f"| {key[-1]} | {cell['across_inputs']:.3f} | {cell['per_input']:.3f} |")
+        chars = result["completion_chars"]
+        lines += [
+            "",
+            f"Completion length: mean {chars['mean']:.1f}, median {chars['median']:.1f} characters.",
+            "",
+        ]
+    lines += [
+        "## What the figures mean",
+        "",
+        EXPLAINED,
+        "Plots: " + ", ".join(f"`{p}`" for p in report["plots"]),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _series(result: dict, key: str) -> tuple[list[int], list[float], list[float], list[float]]:
+    cells = result[key]
+    ns = [int(n) for n in cells]
+    return (
+        ns,
+        [cells[str(n)]["mean"] for n in ns],
+        [cells[str(n)]["low"] for n in ns],
+        [cells[str(n)]["high"] for n in ns],
+    )
+
+
+def plot_reward_vs_n(report: dict, path: Path) -> None:
+    gold = any("gold_at_n" in r for r in report["policies"].values())
+    fig, axes = plt.subplots(1, 2 if gold else 1, figsize=(11 if gold else 6, 4.2), squeeze=False)
+    for key, ax, label in [("reward_at_n", axes[0][0], "reward-model score (proxy)")] + (
+        [("gold_at_n", axes[0][1], "gold score")] if gold else []
+    ):
+        for name, result in report["policies"].items():
+            if key in result:
+                ns, mean, low, high = _series(result, key)
+                ax.plot(ns, mean, marker="o", label=name)
+                ax.fill_between(ns, low, high, alpha=0.2)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("N (best of N)")
+        ax.set_ylabel(f"expected {label} of the chosen sample")
+        ax.set_title(f"{label} vs N")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_reward_vs_kl(report: dict, path: Path) -> None:
+    """Each policy's best-of-N curve at KL(policy||reference) + the best-of-N bound: the first
+    term is measured, the second exact for continuous rewards; their sum approximates the KL of
+    best-of-N on that policy to the reference."""
+    gold = any("gold_at_n" in r for r in report["policies"].values())
+    fig, axes = plt.subplots(1, 2 if gold else 1, figsize=(11 if gold else 6, 4.2), squeeze=False)
+    for key, ax, label in [("reward_at_n", axes[0][0], "proxy reward")] + (
+        [("gold_at_n", axes[0][1], "gold score")] if gold else []
+    ):
+        for name, result in report["policies"].items():
+            if key not in result:
+                continue
+            base = result.get("kl_to_reference", {}).get("mean", 0.0)
+            ns, mean, _, _ = _series(result, key)
+            kl = [base + result["kl_bound_at_n"][str(n)] for n in ns]
+            ax.plot(kl, mean, marker="o", label=name)
+            for n, x, y in zip(ns, kl, mean, strict=True):
+                ax.annotate(f"N={n}", (x, y), fontsize=7, textcoords="offset points", xytext=(3, 3))
+        ax.set_xlabel("KL to the reference (nats): policy's own + best-of-N bound")
+        ax.set_ylabel(label)
+        ax.set_title(f"{label} vs KL")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_diversity(report: dict, path: Path) -> None:
+    names = list(report["policies"])
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    width = 0.8 / len(names)
+    for ax, scope in zip(axes, ("across_inputs", "per_input"), strict=True):
+        for j, name in enumerate(names):
+            diversity = report["policies"][name]["diversity"]
+            values = [diversity[f"distinct_{n}"][scope] for n in range(1, 5)]
+            ax.bar([n + (j - (len(names) - 1) / 2) * width for n in range(1, 5)], values, width, label=name)
+        ax.set_xticks(range(1, 5), [f"distinct-{n}" for n in range(1, 5)])
+        ax.set_title(f"diversity {scope.replace('_', ' ')}")
+        ax.set_ylim(0, 1.05)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(report: dict, output: Path) -> dict:
+    output.mkdir(parents=True, exist_ok=True)
+    report["plots"] = ["reward_vs_n.png", "reward_vs_kl.png", "diversity.png"]
+    plot_reward_vs_n(report, output / "reward_vs_n.png")
+    plot_reward_vs_kl(report, output / "reward_vs_kl.png")
+    plot_diversity(report, output / "diversity.png")
+    (output / "eval.json").write_text(json.dumps(report, indent=2))
+    (output / "report.md").write_text(markdown(report))
+    return report

@@ -1,0 +1,219 @@
+"""`bon eval`: reward vs N, KL, win rate and diversity, as eval.json, report.md and plots.
+
+From samples already scored (what `bon export-samples` writes works as is):
+
+    bon eval --samples FILE --output DIR [--gold demo]
+
+FILE (.jsonl or .parquet) has {"prompt", "completion", "reward"} rows, optionally "gold"; rows are
+grouped by prompt, and by "policy" when rows carry one (an exported log spanning RAFT reloads
+gives one report entry per policy version).
+
+From models, sampling K per prompt from each policy and from the reference:
+
+    bon eval --policy DIR [--policy DIR ...] --reference DIR --reward-model DIR --prompts FILE \\
+             -k 16 --output DIR [--gold demo]
+
+adds what needs the models: KL(policy || reference) from each policy's own samples, and win rates
+against the reference. Samples are drawn at temperature 1 with nothing cut from the distribution,
+so they are the policy's own and the KL estimate is unbiased. `--gold demo` scores `bon demo`'s
+suite with its programmatic gold scorer, next to the reward model.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from server.arguments import job_parser
+from server.batch.tables import BadInput, read_rows, table_format
+from server.engines.contract import SamplingParams
+from server.engines.hf.models import HFPolicy, load_policy, load_reward_model, pad_right
+from server.prompts import reward_input
+from server.threads import apply_torch_threads
+from trainers.data import Prompt, RecipeError, load_prompts
+from trainers.demo.tasks import gold_score, item_of
+from trainers.evaluation.measures import Pool, measure
+from trainers.evaluation.report import write_report
+from trainers.raft import prompt_key, sample_candidates
+
+log = logging.getLogger(__name__)
+
+
+def demo_gold(prompt: Prompt, completion: str) -> float:
+    item = item_of(prompt) if isinstance(prompt, str) else None
+    if item is None:
+        raise BadInput(f"--gold demo scores bon demo's suite only; {prompt!r} is not one of its prompts")
+    return gold_score(item, completion)
+
+
+GOLD = {"demo": demo_gold}
+
+
+# --- from samples ---------------------------------------------------------------------------------
+
+
+def _policy_name(policy: Any) -> str:
+    if isinstance(policy, dict):  # export-samples: {"path", "version"}
+        return f"{Path(str(policy.get('path'))).name}@{str(policy.get('version'))[:12]}"
+    return str(policy)
+
+
+def pools_from_samples(path: Path, gold) -> dict[str, list[Pool]]:
+    """Pools per policy, per prompt, in first-seen order."""
+    table_format(path)
+    policies: dict[str, dict[str, Pool]] = {}
+    for row in read_rows(path, window=4096):
+        if isinstance(row, BadInput):
+            raise row
+        record, place = row.record, row.place
+        missing = [k for k in ("prompt", "completion", "reward") if k not in record]
+        if missing:
+            raise BadInput(
+                f'{place}: missing {", ".join(missing)}; rows need "prompt", "completion" and "reward"'
+            )
+        if not isinstance(record["reward"], int | float) or not isinstance(record["completion"], str):
+            raise BadInput(f'{place}: "reward" must be a number and "completion" a string')
+        prompt = record["prompt"]
+        pools = policies.setdefault(_policy_name(record.get("policy", path.stem)), {})
+        pool = pools.setdefault(
+            prompt_key(prompt), Pool(prompt, [], [], [] if gold or "gold" in record else None)
+        )
+        pool.completions.append(record["completion"])
+        pool.rewards.append(float(record["reward"]))
+        if pool.gold is not None:
+            if gold is None and "gold" not in record:
+                raise BadInput(f'{place}: "gold" is missing here but given on other rows of this prompt')
+            pool.gold.append(gold(prompt, record["completion"]) if gold else float(record["gold"]))
+    if not policies:
+        raise BadInput(f"{path}: no rows")
+    return {name: list(pools.values()) for name, pools in policies.items()}
+
+
+# --- from models ------------------------------------------------------------------------------------
+
+
+@torch.inference_mode()
+def sequence_logprobs(
+    policy: HFPolicy, sequences: list[tuple[list[int], list[int]]], batch: int = 32
+) -> list[float]:
+    """log p(completion | prompt) under the policy: the sum over the completion's tokens, for each
+    (prompt ids, completion ids)."""
+    out = []
+    for start in range(0, len(sequences), batch):
+        chunk = sequences[start : start + batch]
+        input_ids, mask = pad_right([p + c for p, c in chunk], policy.tokenizer.pad_token_id)
+        input_ids, mask = input_ids.to(policy.model.device), mask.to(policy.model.device)
+        logits = policy.model(input_ids=input_ids, attention_mask=mask).logits  # (B, T, V)
+        # Position t predicts token t + 1.
+        logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)  # (B, T-1, V)
+        token_logp = logp.gather(-1, input_ids[:, 1:, None]).squeeze(-1)  # (B, T-1)
+        for row, (prompt, completion) in enumerate(chunk):
+            out.append(token_logp[row, len(prompt) - 1 : len(prompt) - 1 + len(completion)].sum().item())
+    return out
+
+
+def same_tokens(a: dict[str, int], b: dict[str, int]) -> bool:
+    """Whether one vocabulary extends the other with every shared token at the same id (a
+    tokenizer class may add a special token or two to the same trained vocabulary)."""
+    small, large = sorted((a, b), key=len)
+    return all(large.get(token) == index for token, index in small.items())
+
+
+def pools_from_models(args, prompts: list[Prompt], gold) -> dict[str, list[Pool]]:
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    rm = load_reward_model(args.reward_model, device, "auto")
+    reference = load_policy(args.reference, device, "auto")
+    out: dict[str, list[Pool]] = {}
+    for position, directory in enumerate([args.reference, *args.policy]):
+        policy = reference if position == 0 else load_policy(directory, device, "auto")
+        if not same_tokens(policy.tokenizer.get_vocab(), reference.tokenizer.get_vocab()):
+            raise BadInput(
+                f"{directory} and --reference {args.reference} have different vocabularies: KL needs one"
+            )
+        name = f"{Path(directory).name} (reference)" if position == 0 else Path(directory).name
+        name += f" #{position}" if name in out else ""
+        # Each policy its own seeds: a policy given twice (or as its own reference) draws a pool
+        # independent of the other's, as the win rates assume.
+        params = SamplingParams(
+            max_tokens=args.max_tokens, temperature=1.0, seed=args.seed + 1_000_003 * position
+        )
+        log.info("sampling %d per prompt from %s", args.k, name)
+        drawn = sample_candidates(policy, prompts, args.k, params, batch=16)
+        sequences = [(p.token_ids, c.token_ids) for p, cands in drawn for c in cands]
+        log_ratio = [
+            a - b
+            for a, b in zip(
+                sequence_logprobs(policy, sequences), sequence_logprobs(reference, sequences), strict=True
+            )
+        ]
+        pools = []
+        for index, (raw, (prompt, cands)) in enumerate(zip(prompts, drawn, strict=True)):
+            texts = [c.text for c in cands]
+            rewards = rm.score([reward_input(rm.info, prompt, t).token_ids for t in texts])
+            ratios = log_ratio[index * args.k : (index + 1) * args.k]
+            pools.append(Pool(raw, texts, rewards, [gold(raw, t) for t in texts] if gold else None, ratios))
+        out[name] = pools
+    return out
+
+
+# --- the job ------------------------------------------------------------------------------------------
+
+
+def _parser():
+    parser, _ = job_parser("bon eval", __doc__)
+    parser.add_argument(
+        "--output", type=Path, required=True, help="directory for eval.json, report.md, plots"
+    )
+    parser.add_argument("--samples", type=Path, help="scored samples (.jsonl/.parquet): no models needed")
+    parser.add_argument(
+        "--policy", type=Path, action="append", default=[], help="a policy to sample; repeatable"
+    )
+    parser.add_argument("--reference", type=Path, help="the policy KL and win rates are measured against")
+    parser.add_argument("--reward-model", type=Path, help="scores the samples drawn from models")
+    parser.add_argument("--prompts", type=Path, help='JSONL, a "prompt" (string or messages) per line')
+    parser.add_argument("-k", type=int, default=16, help="samples per prompt and policy; N goes up to K")
+    parser.add_argument("--max-tokens", type=int, default=16, help="tokens per sample")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--gold", choices=sorted(GOLD), help="a gold scorer: demo = bon demo's suite")
+    parser.add_argument(
+        "--torch-threads", type=int, default=0, help="intra-op CPU threads; 0: half the cores"
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = _parser().parse_args(argv)
+    apply_torch_threads(args.torch_threads)
+    gold = GOLD[args.gold] if args.gold else None
+    if (args.samples is None) == (args.reference is None):
+        raise BadInput("give --samples FILE, or --reference with --policy, --reward-model and --prompts")
+    if args.samples is not None:
+        pools = pools_from_samples(args.samples, gold)
+        references = None
+    else:
+        needed = {"--reward-model": args.reward_model, "--prompts": args.prompts}
+        if missing := [flag for flag, value in needed.items() if value is None]:
+            raise BadInput(f"sampling from models needs {', '.join(missing)}")
+        if args.k < 1:
+            raise BadInput("-k must be at least 1")
+        try:
+            prompts = [p for p in load_prompts(args.prompts)]
+        except RecipeError as error:
+            raise BadInput(str(error)) from None
+        pools = pools_from_models(args, prompts, gold)
+        references = next(iter(pools.values()))
+    report = {
+        "source": str(args.samples) if args.samples else {"reference": str(args.reference), "k": args.k},
+        "policies": {name: measure(p, references) for name, p in pools.items()},
+    }
+    write_report(report, args.output)
+    for name, result in report["policies"].items():
+        largest = list(result["reward_at_n"])[-1]
+        log.info(
+            "%s: reward@1 %.4f, reward@%s %.4f", name, result["reward_at_n"]["1"]["mean"], largest,
+            result["reward_at_n"][largest]["mean"],
+        )  # fmt: skip
+    return {"output": str(args.output), "files": ["eval.json", "report.md", *report["plots"]]}
