@@ -19,13 +19,13 @@ from server.api.guard import Guard
 from server.api.openapi import describe, errors_of
 from server.api.responses import Health, Ready
 from server.api.routes import admin, router
+from server.assembly import start_service
 from server.engines.contract import RewardScorer, Sampler, SamplingParams
 from server.failures import EngineDead, NotReady
-from server.log.sample_log import SampleLog
 from server.policy import PolicyInfo
 from server.reload import Reloader
 from server.reward import RewardModelInfo
-from server.service import BestOfN, Loaded
+from server.service import BestOfN
 from server.settings import Settings
 
 __version__ = version("bon")
@@ -99,31 +99,8 @@ def build_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        # Both at once: an engine start is mostly waiting (processes, imports, warm-up).
-        loads = await asyncio.gather(sampler.load(policy), scorer.load(reward_model), return_exceptions=True)
-        failed = [error for error in loads if isinstance(error, BaseException)]
-        if failed:
-            await sampler.close()
-            await scorer.close()
-            raise failed[0]
-        loaded_policy, loaded_reward_model = Loaded(policy, loads[0]), Loaded(reward_model, loads[1])
-        sample_log = (
-            None
-            if settings.no_sample_log
-            else SampleLog(settings.sample_log, settings.sample_log_flush_seconds)
-        )
-        service = BestOfN(
-            policy=loaded_policy,
-            reward_model=loaded_reward_model,
-            sampler=sampler,
-            scorer=scorer,
-            sample_log=sample_log,
-            max_best_of=settings.max_best_of,
-            max_batch_tokens=settings.max_batch_tokens,
-            max_prompts=settings.max_queued_prompts,
-            max_score_inputs=settings.max_score_inputs,
-            max_score_tokens=settings.max_score_tokens,
-        )
+        service = await start_service(settings, policy, reward_model, sampler, scorer)
+        sample_log = service.sample_log
         app.state.service = service
         app.state.reloader = reloader = Reloader(service)
         watcher = (
