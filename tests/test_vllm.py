@@ -187,3 +187,43 @@ def test_engines_do_not_outlive_a_killed_server(models, tmp_path):
     stop_server(server, signal.SIGKILL)  # no shutdown runs: what the OOM killer does
     gone, alive = psutil.wait_procs(engines + workers, timeout=60)
     assert alive == [], f"orphaned vLLM processes: {alive}"
+
+
+def test_bon_score_and_bon_generate_run_on_vllm(models, tmp_path):
+    """The batch jobs on the vLLM engines: `bon score` rewards equal the transformers engine's, and
+    `bon generate` logs rewards equal to an independent forward."""
+    import json
+    import subprocess
+    import sys
+
+    from server.log.sample_log import read_records
+
+    rm, policy = models["llama_rm"], models["llama_policy"]
+    rows = [{"prompt": f"item {i}:", "responses": [" one", " two two" * i]} for i in range(20)]
+    source = tmp_path / "rows.jsonl"
+    source.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    scored = {}
+    for engine in ("transformers", "vllm"):
+        out = tmp_path / f"{engine}.jsonl"
+        command = [sys.executable, "-m", "bon", "score", str(source), "-o", str(out),
+                   "--reward-model", str(rm), "--engine", engine]  # fmt: skip
+        result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert json.loads(result.stdout)["engine"] == engine
+        scored[engine] = [json.loads(line)["rewards"] for line in out.read_text().splitlines()]
+    for a, b in zip(scored["transformers"], scored["vllm"], strict=True):
+        assert a == pytest.approx(b, rel=1e-4, abs=1e-5)
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"count {i}:"}) + "\n" for i in range(6)))
+    log = tmp_path / "samples.db"
+    command = [sys.executable, "-m", "bon", "generate", "--policy", str(policy), "--reward-model", str(rm),
+               "--prompts", str(prompts), "--best-of", "3", "--max-tokens", "4", "--sample-log", str(log),
+               "--engine", "vllm", "--reward-engine", "vllm"]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = read_records(log)
+    assert len(records) == 18
+    for record in records[:6]:
+        expected = completion_reward(rm, record["prompt"], record["completion"])
+        assert record["reward"] == pytest.approx(expected, rel=1e-4, abs=1e-5)

@@ -238,9 +238,9 @@ async def run(args) -> dict[str, Any]:
         return {"output": str(args.output), "note": "already complete; nothing to do"}
     last_done = journal.open(args.resume)
     scorer, engine = _scorer(args, rank)
-    started = time.monotonic()
     try:
         job = ScoreJob(rm, policy_tokenizer, scorer, await scorer.load(rm), args.skip_bad_rows)
+        started = time.monotonic()  # the job's time: reading, tokenizing, scoring, writing
         total = count_rows(args.input)
         bar = tqdm(total=total, unit=" rows", disable=rank != 0, dynamic_ncols=True)
         count, rows_scored = 0, 0
