@@ -1,7 +1,7 @@
 """`bon`: one command, with a subcommand per job.
 
-serve, export-samples, train {sft,rm,raft}, demo. The trainers are imported only for `train` and
-`demo`, so serving never loads them.
+serve, export-samples, score, generate, eval, train {sft,rm,raft}, demo. Each job's module is
+imported only when it runs, so serving never loads the trainers.
 """
 
 from __future__ import annotations

@@ -6,8 +6,9 @@ prompts through the HTTP API -> RAFT on the candidate log -> reload -> repeat.
 
     bon demo --output DIR [--rounds 3] [--seed 0]
 
-Prints a table and writes DIR/demo.json. Every figure is measured on held-out prompts, which
-never reach a trainer.
+Prints a table and writes DIR/demo.json, with the checkpoints (sft, reward_model, raft-1, ...)
+and the held-out prompts (held_out.jsonl) beside it. Every figure is measured on held-out
+prompts, which never reach a trainer.
 """
 
 from __future__ import annotations
@@ -232,6 +233,8 @@ def run(cfg: DemoConfig) -> dict:
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
     train, held_out = suite(cfg.seed, cfg.prompts_per_task)
+    # The held-out prompts as a file `bon eval --prompts` reads (README, Batch jobs and evaluation).
+    (out / "held_out.jsonl").write_text("".join(json.dumps({"prompt": i.prompt}) + "\n" for i in held_out))
     say = lambda message: print(f"[{time.time() - start:6.0f}s] {message}", flush=True)  # noqa: E731
 
     say(f"tokenizer and a random {cfg.arch} ({len(train)} training prompts, {len(held_out)} held out)")
