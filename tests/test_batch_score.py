@@ -40,6 +40,13 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+def scored_in_one_go(source: Path, rm: Path, window_rows: int) -> list[dict]:
+    """The rows `bon score` writes for `source` in one uninterrupted single-process run."""
+    out = source.with_name("uninterrupted.jsonl")
+    summary_of(bon_score(source, "-o", out, "--reward-model", rm, "--window-rows", window_rows))
+    return read_jsonl(out)
+
+
 def mixed_rows(count: int) -> list[dict]:
     """Text and chat prompts, single responses and lists, of varied lengths, each with an id."""
     rows = []
@@ -169,8 +176,7 @@ def test_kill_9_then_resume_gives_every_row_exactly_once_in_order(tmp_path, pair
     rows = mixed_rows(3000)
     source = write_jsonl(tmp_path / "in.jsonl", rows)
     rm = pair_gpt2_llama.reward_model
-    reference = tmp_path / "reference.jsonl"
-    summary_of(bon_score(source, "-o", reference, "--reward-model", rm, "--window-rows", 100))
+    expected = scored_in_one_go(source, rm, 100)
 
     out = tmp_path / "out.jsonl"
     command = [*BON, "score", str(source), "-o", str(out), "--reward-model", str(rm), "--window-rows", "100"]
@@ -189,7 +195,7 @@ def test_kill_9_then_resume_gives_every_row_exactly_once_in_order(tmp_path, pair
 
     summary = summary_of(bon_score(source, "-o", out, "--reward-model", rm, "--window-rows", 100, "--resume"))
     assert summary["rows_scored"] == 3000 - 100 * windows_done
-    assert read_jsonl(out) == read_jsonl(reference)
+    assert read_jsonl(out) == expected
     assert not list(tmp_path.glob("out.jsonl.*"))
 
 
@@ -198,8 +204,7 @@ def test_torchrun_shards_merge_into_one_file_in_input_order(tmp_path, pair_gpt2_
     rows = mixed_rows(200)
     source = write_jsonl(tmp_path / "in.jsonl", rows)
     rm = pair_gpt2_llama.reward_model
-    single = tmp_path / "single.jsonl"
-    summary_of(bon_score(source, "-o", single, "--reward-model", rm, "--window-rows", 16))
+    expected = scored_in_one_go(source, rm, 16)
     out = tmp_path / "sharded.jsonl"
     torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
     result = subprocess.run(
@@ -210,7 +215,7 @@ def test_torchrun_shards_merge_into_one_file_in_input_order(tmp_path, pair_gpt2_
     assert result.returncode == 0, result.stderr[-3000:]
     sharded = read_jsonl(out)
     assert [r["id"] for r in sharded] == list(range(200))
-    for a, b in zip(sharded, read_jsonl(single), strict=True):
+    for a, b in zip(sharded, expected, strict=True):
         assert a.get("reward", a.get("rewards")) == pytest.approx(
             b.get("reward", b.get("rewards")), rel=1e-4, abs=1e-5
         )

@@ -20,12 +20,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import statistics
 import time
+from array import array
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from tqdm import tqdm
 
 from server.arguments import job_parser
@@ -151,21 +152,24 @@ class ScoreJob:
                 record["rewards"][response_index] = reward
 
 
-def reward_summary(rewards: list[float]) -> dict[str, float]:
+def reward_summary(rewards: array) -> dict[str, float]:
+    """Count, mean, std and quantiles; `rewards` is a packed array (8 bytes a reward, so a
+    10-million-row job holds 80 MB here, not its rows)."""
     if not rewards:
         return {"count": 0}
-    quantiles = statistics.quantiles(rewards, n=20, method="inclusive") if len(rewards) > 1 else rewards * 19
+    values = np.frombuffer(rewards, dtype=np.float64)
+    p05, p25, p50, p75, p95 = np.quantile(values, [0.05, 0.25, 0.5, 0.75, 0.95]).tolist()
     return {
-        "count": len(rewards),
-        "mean": statistics.fmean(rewards),
-        "std": statistics.pstdev(rewards),
-        "min": min(rewards),
-        "p05": quantiles[0],
-        "p25": quantiles[4],
-        "p50": quantiles[9],
-        "p75": quantiles[14],
-        "p95": quantiles[18],
-        "max": max(rewards),
+        "count": len(values),
+        "mean": float(values.mean()),
+        "std": float(values.std()),
+        "min": float(values.min()),
+        "p05": p05,
+        "p25": p25,
+        "p50": p50,
+        "p75": p75,
+        "p95": p95,
+        "max": float(values.max()),
     }
 
 
@@ -263,7 +267,7 @@ async def run(args) -> dict[str, Any]:
     if rank != 0:
         return {"rank": rank, **mine}
     journal.wait_for_all()
-    rewards: list[float] = []
+    rewards = array("d")
     skipped = journal.skipped()  # every process's, this run's and earlier runs'
     written = journal.merge(
         count, lambda r: rewards.append(r["reward"]) if "reward" in r else rewards.extend(r["rewards"])

@@ -88,21 +88,20 @@ def _series(result: dict, key: str) -> tuple[list[int], list[float], list[float]
     )
 
 
-def plot_reward_vs_n(report: dict, path: Path) -> None:
-    gold = any("gold_at_n" in r for r in report["policies"].values())
-    fig, axes = plt.subplots(1, 2 if gold else 1, figsize=(11 if gold else 6, 4.2), squeeze=False)
-    for key, ax, label in [("reward_at_n", axes[0][0], "reward-model score (proxy)")] + (
-        [("gold_at_n", axes[0][1], "gold score")] if gold else []
-    ):
-        for name, result in report["policies"].items():
-            if key in result:
-                ns, mean, low, high = _series(result, key)
-                ax.plot(ns, mean, marker="o", label=name)
-                ax.fill_between(ns, low, high, alpha=0.2)
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("N (best of N)")
-        ax.set_ylabel(f"expected {label} of the chosen sample")
-        ax.set_title(f"{label} vs N")
+def _panels(report: dict, path: Path, draw, xlabel: str, title: str, log2_x: bool = False) -> None:
+    """One panel for the proxy reward and, where a gold scorer was given, one for gold;
+    `draw(ax, key)` plots every policy's series of `key` (reward_at_n or gold_at_n)."""
+    panels = [("reward_at_n", "proxy reward")]
+    if any("gold_at_n" in r for r in report["policies"].values()):
+        panels.append(("gold_at_n", "gold score"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
+    for ax, (key, label) in zip(axes[0], panels, strict=True):
+        draw(ax, key)
+        if log2_x:
+            ax.set_xscale("log", base=2)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(f"{label} of the chosen sample")
+        ax.set_title(f"{label} {title}")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
@@ -110,15 +109,23 @@ def plot_reward_vs_n(report: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def plot_reward_vs_n(report: dict, path: Path) -> None:
+    def draw(ax, key: str) -> None:
+        for name, result in report["policies"].items():
+            if key in result:
+                ns, mean, low, high = _series(result, key)
+                ax.plot(ns, mean, marker="o", label=name)
+                ax.fill_between(ns, low, high, alpha=0.2)
+
+    _panels(report, path, draw, "N (best of N)", "vs N", log2_x=True)
+
+
 def plot_reward_vs_kl(report: dict, path: Path) -> None:
     """Each policy's best-of-N curve at KL(policy||reference) + the best-of-N bound: the first
     term is measured, the second exact for continuous rewards; their sum approximates the KL of
     best-of-N on that policy to the reference."""
-    gold = any("gold_at_n" in r for r in report["policies"].values())
-    fig, axes = plt.subplots(1, 2 if gold else 1, figsize=(11 if gold else 6, 4.2), squeeze=False)
-    for key, ax, label in [("reward_at_n", axes[0][0], "proxy reward")] + (
-        [("gold_at_n", axes[0][1], "gold score")] if gold else []
-    ):
+
+    def draw(ax, key: str) -> None:
         for name, result in report["policies"].items():
             if key not in result:
                 continue
@@ -128,14 +135,8 @@ def plot_reward_vs_kl(report: dict, path: Path) -> None:
             ax.plot(kl, mean, marker="o", label=name)
             for n, x, y in zip(ns, kl, mean, strict=True):
                 ax.annotate(f"N={n}", (x, y), fontsize=7, textcoords="offset points", xytext=(3, 3))
-        ax.set_xlabel("KL to the reference (nats): policy's own + best-of-N bound")
-        ax.set_ylabel(label)
-        ax.set_title(f"{label} vs KL")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+
+    _panels(report, path, draw, "KL to the reference (nats): policy's own + best-of-N bound", "vs KL")
 
 
 def plot_diversity(report: dict, path: Path) -> None:
