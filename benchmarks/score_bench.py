@@ -9,6 +9,11 @@ Also reports the reward model's achieved FLOP/s in `bon score` against this mach
 matmul peak (a 2048 x 2048 matmul, same threads), and the padding `bon score`'s batches carried.
 
     python benchmarks/score_bench.py [--rows 3000] [--threads 2] [--hidden 512 --layers 6]
+        [--prompt-words 10 150 --response-words 5 100]
+
+Two regimes show: short rows (a chat turn, a preference pair: `--prompt-words 5 20
+--response-words 2 10`), where a one-row forward is mostly overhead, and long rows, where on a
+CPU even one row is a matmul big enough to run near the peak.
 """
 
 from __future__ import annotations
@@ -30,14 +35,14 @@ from bon.tiny_models import build_model, tokenizer_b
 WORDS = "the a cat dog runs sees river house light green blue one two three why how where red".split()
 
 
-def rows(count: int, seed: int) -> list[dict]:
-    """Prompts of 10-150 words and responses of 5-100: lengths as varied as real logs."""
+def rows(count: int, seed: int, prompt_words: tuple[int, int], response_words: tuple[int, int]) -> list[dict]:
+    """Prompts and responses of lengths drawn uniformly from the ranges: as varied as real logs."""
     rng = random.Random(seed)
     text = lambda lo, hi: " ".join(rng.choice(WORDS) for _ in range(rng.randint(lo, hi)))  # noqa: E731
-    return [{"prompt": text(10, 150), "response": " " + text(5, 100)} for _ in range(count)]
+    return [{"prompt": text(*prompt_words), "response": " " + text(*response_words)} for _ in range(count)]
 
 
-def matmul_peak(threads: int, size: int = 2048, repeats: int = 5) -> float:
+def matmul_peak(threads: int, size: int = 2048, repeats: int = 20) -> float:
     """Best fp32 FLOP/s of a size x size matmul."""
     torch.set_num_threads(threads)
     a, b = torch.randn(size, size), torch.randn(size, size)
@@ -84,6 +89,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--layers", type=int, default=6)
+    parser.add_argument("--prompt-words", type=int, nargs=2, default=(10, 150), metavar=("MIN", "MAX"))
+    parser.add_argument("--response-words", type=int, nargs=2, default=(5, 100), metavar=("MIN", "MAX"))
     parser.add_argument("--output", type=Path, default=Path("bench-results/score_bench.json"))
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bon-score-bench-"))
@@ -96,7 +103,7 @@ def main() -> None:
         layers=args.layers,
         ctx=1024,
     )
-    data = rows(args.rows, seed=0)
+    data = rows(args.rows, 0, tuple(args.prompt_words), tuple(args.response_words))
     source = work / "rows.jsonl"
     source.write_text("".join(json.dumps(r) + "\n" for r in data))
 
@@ -114,6 +121,8 @@ def main() -> None:
         "machine": f"{torch.get_num_threads()} torch threads, torch {torch.__version__}",
         "reward_model": {"arch": "llama", "hidden": args.hidden, "layers": args.layers, "parameters": params},
         "rows": args.rows,
+        "prompt_words": args.prompt_words,
+        "response_words": args.response_words,
         "tokens": sum(lengths),
         "per_row": {"seconds": baseline_seconds, "rows_per_second": args.rows / baseline_seconds},
         "bon_score": {"seconds": bon["seconds"], "rows_per_second": bon["rows_per_second"]},

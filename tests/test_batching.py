@@ -109,10 +109,11 @@ def test_a_job_that_breaks_its_batch_fails_alone():
 
 
 def test_a_large_score_request_goes_in_budget_sized_chunks_and_stops_when_its_client_leaves():
-    from server.engines.hf.scorer import TransformersScorer, _chunks
+    from server.engines.hf.scorer import TransformersScorer, token_budget_chunks
 
+    # Padded sizes: 2 x 4 = 8 fits; 2 + 6 would pad to 12, 6 + 1 to 12; 9 runs alone.
     inputs = [[1] * n for n in (3, 4, 2, 6, 1, 9)]
-    assert _chunks(inputs, 7) == [[[1] * 3, [1] * 4], [[1] * 2], [[1] * 6, [1] * 1], [[1] * 9]]
+    assert token_budget_chunks(inputs, 8) == [[[1] * 3, [1] * 4], [[1] * 2], [[1] * 6], [[1] * 1], [[1] * 9]]
 
     class Weights:
         """Stands in for a reward model: each input's reward is its length, each call slow."""
@@ -125,7 +126,7 @@ def test_a_large_score_request_goes_in_budget_sized_chunks_and_stops_when_its_cl
             return [float(len(ids)) for ids in batch]
 
     async def scenario():
-        scorer = TransformersScorer("cpu", "auto", max_batch_tokens=7, max_queued=8)
+        scorer = TransformersScorer("cpu", "auto", max_batch_tokens=8, max_queued=8)
         assert await scorer.score(inputs, Weights()) == [3.0, 4.0, 2.0, 6.0, 1.0, 9.0]
         done = Weights.calls
         task = asyncio.create_task(scorer.score(inputs * 10, Weights()))
@@ -136,4 +137,4 @@ def test_a_large_score_request_goes_in_budget_sized_chunks_and_stops_when_its_cl
         return done, Weights.calls - done
 
     whole, cut = asyncio.run(scenario())
-    assert whole == 4 and cut < 10, cut  # 40 chunks were asked for; the rest never ran
+    assert whole == 5 and cut < 10, cut  # 50 chunks were asked for; the rest never ran

@@ -141,7 +141,8 @@ class ScoreJob:
         rewards = await self.scorer.score(by_length, self.weights)
         self.tokens += sum(len(ids) for ids in by_length)
         self.padded_tokens += sum(
-            len(chunk) * len(chunk[-1]) for chunk in token_budget_chunks(by_length, batch_tokens)
+            len(chunk) * len(chunk[-1])
+            for chunk in token_budget_chunks(by_length, batch_tokens)  # sorted: last is longest
         )
         for position, reward in zip(order, rewards, strict=True):
             record_index, response_index = scored.owners[position]
@@ -198,7 +199,7 @@ def _parser():
         "--window-rows", type=int, default=4096, help="rows read, sorted and written together"
     )
     parser.add_argument(
-        "--batch-tokens", type=int, default=16384, help="reward-model tokens per forward pass"
+        "--batch-tokens", type=int, default=8192, help="padded reward-model tokens per forward pass"
     )
     parser.add_argument(
         "--torch-threads", type=int, default=0, help="intra-op CPU threads; 0: half the cores"
@@ -248,16 +249,35 @@ async def run(args) -> dict[str, Any]:
         total = count_rows(args.input)
         bar = tqdm(total=total, unit=" rows", disable=rank != 0, dynamic_ncols=True)
         count, rows_scored = 0, 0
-        for index, window in enumerate(windows(read_rows(args.input, args.window_rows), args.window_rows)):
-            count = index + 1
-            if index % world == rank and index > last_done:
-                scored = job.prepare(window)
-                await job.score(scored, args.batch_tokens)
-                journal.append(index, scored.records, scored.skipped)
-                rows_scored += len(scored.records)
-            bar.update(len(window))
-            elapsed = time.monotonic() - started
-            bar.set_postfix_str(f"{job.tokens / max(elapsed, 1e-9):,.0f} tok/s (this process)")
+        # One window scores (the engine's thread) while the next is tokenized (a worker thread,
+        # so the event loop keeps feeding the scorer its chunks); the forward releases the GIL.
+        in_flight: tuple[int, Scored, asyncio.Task] | None = None
+
+        async def land() -> int:
+            index, scored, scoring = in_flight
+            await scoring
+            journal.append(index, scored.records, scored.skipped)
+            return len(scored.records)
+
+        try:
+            for index, window in enumerate(
+                windows(read_rows(args.input, args.window_rows), args.window_rows)
+            ):
+                count = index + 1
+                if index % world == rank and index > last_done:
+                    scored = await asyncio.to_thread(job.prepare, window)
+                    if in_flight is not None:
+                        rows_scored += await land()
+                    in_flight = (index, scored, asyncio.create_task(job.score(scored, args.batch_tokens)))
+                bar.update(len(window))
+                elapsed = time.monotonic() - started
+                bar.set_postfix_str(f"{job.tokens / max(elapsed, 1e-9):,.0f} tok/s (this process)")
+            if in_flight is not None:
+                rows_scored += await land()
+        except BaseException:
+            if in_flight is not None:
+                in_flight[2].cancel()
+            raise
         bar.close()
         journal.finish(count)
     finally:

@@ -74,9 +74,14 @@ def mean_with_stderr(values: Sequence[float]) -> dict[str, float]:
     return {"mean": float(array.mean()), "stderr": stderr}
 
 
-def distinct_n(texts: Sequence[str], n: int) -> float:
-    """Distinct word n-grams over all word n-grams of `texts` (1: no n-gram repeats); 0 without any."""
-    grams = [
+def ngrams(texts: Sequence[str], n: int) -> list[tuple[str, ...]]:
+    """Every word n-gram of every text."""
+    return [
         tuple(words[i : i + n]) for words in (t.split() for t in texts) for i in range(len(words) - n + 1)
     ]
+
+
+def distinct_n(texts: Sequence[str], n: int) -> float:
+    """Distinct word n-grams over all word n-grams of `texts` (1: no n-gram repeats); 0 without any."""
+    grams = ngrams(texts, n)
     return len(set(grams)) / len(grams) if grams else 0.0

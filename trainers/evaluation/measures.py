@@ -12,6 +12,7 @@ from trainers.evaluation.estimators import (
     kl_bound_at_n,
     mean_with_interval,
     mean_with_stderr,
+    ngrams,
     powers_of_two,
     win_probabilities,
     win_rate_at_n,
@@ -62,6 +63,8 @@ def measure(pools: list[Pool], reference: list[Pool] | None = None) -> dict:
         f"distinct_{n}": {
             "across_inputs": distinct_n([c for p in pools for c in p.completions], n),
             "per_input": statistics.fmean(distinct_n(p.completions, n) for p in pools),
+            # Short completions have few n-grams or none: a ratio over a handful says little.
+            "ngrams": len(ngrams([c for p in pools for c in p.completions], n)),
         }
         for n in range(1, 5)
     }

@@ -59,9 +59,15 @@ def markdown(report: dict) -> str:
                 f"| {_interval(result.get('win_rate_at_n_vs_reference', {}).get(n))} "
                 f"| {result['win_rate_ceiling_at_n'][n]:.3f} |"
             )
-        lines += ["", "| n | distinct-n across inputs | distinct-n per input |", "|---|---|---|"]
+        lines += [
+            "",
+            "| n | distinct-n across inputs | distinct-n per input | n-grams |",
+            "|---|---|---|---|",
+        ]
         for key, cell in result["diversity"].items():
-            lines.append(f"| {key[-1]} | {cell['across_inputs']:.3f} | {cell['per_input']:.3f} |")
+            lines.append(
+                f"| {key[-1]} | {cell['across_inputs']:.3f} | {cell['per_input']:.3f} | {cell['ngrams']} |"
+            )
         chars = result["completion_chars"]
         lines += [
             "",
@@ -139,6 +145,10 @@ def plot_reward_vs_kl(report: dict, path: Path) -> None:
     _panels(report, path, draw, "KL to the reference (nats): policy's own + best-of-N bound", "vs KL")
 
 
+# Fewer n-grams than this (one-word answers have no bigrams) make a distinct-n ratio meaningless.
+MIN_NGRAMS = 20
+
+
 def plot_diversity(report: dict, path: Path) -> None:
     names = list(report["policies"])
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
@@ -146,10 +156,11 @@ def plot_diversity(report: dict, path: Path) -> None:
     for ax, scope in zip(axes, ("across_inputs", "per_input"), strict=True):
         for j, name in enumerate(names):
             diversity = report["policies"][name]["diversity"]
-            values = [diversity[f"distinct_{n}"][scope] for n in range(1, 5)]
+            cells = [diversity[f"distinct_{n}"] for n in range(1, 5)]
+            values = [c[scope] if c["ngrams"] >= MIN_NGRAMS else 0.0 for c in cells]
             ax.bar([n + (j - (len(names) - 1) / 2) * width for n in range(1, 5)], values, width, label=name)
         ax.set_xticks(range(1, 5), [f"distinct-{n}" for n in range(1, 5)])
-        ax.set_title(f"diversity {scope.replace('_', ' ')}")
+        ax.set_title(f"diversity {scope.replace('_', ' ')} (no bar: under {MIN_NGRAMS} n-grams)")
         ax.set_ylim(0, 1.05)
         ax.grid(axis="y", alpha=0.3)
     axes[0].legend(fontsize=8)

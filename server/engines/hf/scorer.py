@@ -18,15 +18,17 @@ class ScoreJob:
 
 
 def token_budget_chunks(inputs: list[list[int]], budget: int) -> list[list[list[int]]]:
-    """Consecutive runs of inputs of at most `budget` tokens each (an input over it runs alone)."""
+    """Consecutive runs of inputs whose padded batch (rows x the longest) is at most `budget`
+    tokens (an input over it runs alone). Padded, because that is what the forward computes: fed
+    inputs sorted by length, the chunks stay near the budget with little padding in each."""
     chunks: list[list[list[int]]] = []
-    tokens = budget + 1  # no chunk open yet
+    longest = 0
     for ids in inputs:
-        if tokens + len(ids) > budget:
+        if not chunks or (len(chunks[-1]) + 1) * max(longest, len(ids)) > budget:
             chunks.append([])
-            tokens = 0
+            longest = 0
         chunks[-1].append(ids)
-        tokens += len(ids)
+        longest = max(longest, len(ids))
     return chunks
 
 
