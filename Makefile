@@ -23,7 +23,7 @@ TINY ?= models/tiny
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: install install-vllm serve test test-vllm bench bench-vllm bench-vllm-reload bench-health demo default-models lint lint-docker clean
+.PHONY: install install-vllm serve test test-vllm bench bench-vllm bench-vllm-reload bench-score bench-health demo default-models lint lint-docker clean
 
 install: $(VENV)/.installed
 
@@ -80,6 +80,12 @@ bench-vllm: $(TINY)/.built $(VENV_VLLM)/.installed
 		--engine vllm --output bench-results/load-vllm.json
 
 # /health latency and server memory under hostile requests (the 100 ms target).
+# bon score against a per-row pipeline, both regimes (short rows on the demo-size RM, long rows on 14M).
+bench-score: $(VENV)/.installed
+	$(PY) benchmarks/score_bench.py --hidden 128 --layers 4 --prompt-words 5 20 --response-words 2 10 \
+		--output bench-results/score_bench_short_small.json
+	$(PY) benchmarks/score_bench.py --rows 1000 --output bench-results/score_bench_long.json
+
 bench-health: $(TINY)/.built
 	$(PY) benchmarks/health_under_load.py --policy $(TINY)/policy --reward-model $(TINY)/reward_model
 
