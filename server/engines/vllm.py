@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import subprocess
 import sys
 import uuid
@@ -34,7 +35,11 @@ from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
-from vllm import PoolingParams
+# vLLM logs to stdout unless told otherwise; bon's jobs print their JSON summary there, and a
+# server's logs belong on stderr with uvicorn's. Set before vLLM configures its loggers.
+os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
+
+from vllm import PoolingParams  # noqa: E402
 from vllm import SamplingParams as VLLMSamplingParams
 from vllm.engine.arg_utils import AsyncEngineArgs
 from vllm.inputs.engine import tokens_input
@@ -196,6 +201,9 @@ class _Engines:
     async def release(self, weights: object) -> None:
         self.live.discard(weights)
         await asyncio.to_thread(weights.shutdown)
+        # Shut down once: AsyncLLM.__del__ calls shutdown again, and when that runs at interpreter
+        # exit the module globals it needs are gone and it prints a traceback.
+        weights.shutdown = lambda *args, **kwargs: None
         _tell_reaper("-", weights)
 
     async def check(self) -> None:
