@@ -19,7 +19,6 @@ import asyncio
 import hashlib
 import json
 import sqlite3
-import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -102,23 +101,11 @@ def logged_prompts(sample_log: Path, prefix: str) -> set[int]:
     return {int(request_id.rsplit("-", 1)[1]) for (request_id,) in rows}
 
 
-def _prompt(row: Row) -> str | list[dict[str, str]]:
-    prompt = row.record.get("prompt")
-    if isinstance(prompt, str):
-        return prompt
-    if isinstance(prompt, list) and all(
-        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-        for m in prompt
-    ):
-        return [{"role": m["role"], "content": m["content"]} for m in prompt]
-    raise BadInput(f'{row.place}: "prompt" must be a string or a list of {{"role", "content"}} messages')
-
-
 async def one(service: BestOfN, request_id: str, row: Row, args, seed: int) -> list[Any]:
     """Best-of-N for one prompt, logged as `request_id`; Failure (a prompt the models cannot
     take) becomes BadInput naming the row."""
     try:
-        raw = _prompt(row)
+        raw = row.prompt()
         prompts = (
             await service.text_prompts([raw]) if isinstance(raw, str) else [await service.chat_prompt(raw)]
         )
@@ -152,14 +139,15 @@ async def run(args) -> dict[str, Any]:
     engines = {k: v for k, v in (("engine", args.engine), ("reward_engine", args.reward_engine)) if v}
     settings = Settings(
         policy=args.policy, reward_model=args.reward_model, device=args.device, dtype=args.dtype,
-        max_best_of=max(args.best_of, 1), max_batch_tokens=args.max_batch_tokens,
-        max_queued_prompts=max(args.window, 1), sample_log=args.sample_log, **engines,
+        max_best_of=args.best_of, max_batch_tokens=args.max_batch_tokens,
+        max_queued_prompts=args.window, sample_log=args.sample_log, **engines,
     )  # fmt: skip
     service = await start_service(
         settings, policy, reward_model, build_sampler(settings), build_scorer(settings)
     )
     started = time.monotonic()
-    chosen, everything, tokens, skipped, generated = [], [], 0, 0, 0
+    # Running sums, not lists: a job of millions of prompts keeps nothing per candidate.
+    reward_sum, candidates, chosen_sum, tokens, skipped, generated = 0.0, 0, 0.0, 0, 0, 0
     bar = tqdm(total=count_rows(args.prompts), unit=" prompts", dynamic_ncols=True)
     try:
         rows = enumerate(read_rows(args.prompts, 4096))
@@ -182,8 +170,9 @@ async def run(args) -> dict[str, Any]:
                     [outcome] = result
                     generated += 1
                     tokens += outcome.completion_tokens
-                    chosen.append(outcome.candidates[outcome.chosen[0]].reward)
-                    everything += [c.reward for c in outcome.candidates]
+                    chosen_sum += outcome.candidates[outcome.chosen[0]].reward
+                    reward_sum += sum(c.reward for c in outcome.candidates)
+                    candidates += len(outcome.candidates)
             skipped += len(bad)
             service.sample_log.flush()  # this window is durable before the next starts
             bar.update(len(window))
@@ -199,12 +188,12 @@ async def run(args) -> dict[str, Any]:
         "prompts_generated": generated,
         "prompts_already_logged": len(done),
         "skipped_bad_rows": skipped,
-        "candidates": len(everything),
+        "candidates": candidates,
         "generated_tokens": tokens,
         "seconds": round(seconds, 2),
         "tokens_per_second": round(tokens / max(seconds, 1e-9), 1),
-        "reward_mean_all": statistics.fmean(everything) if everything else None,
-        "reward_mean_chosen": statistics.fmean(chosen) if chosen else None,
+        "reward_mean_all": reward_sum / candidates if candidates else None,
+        "reward_mean_chosen": chosen_sum / generated if generated else None,
     }
 
 

@@ -85,7 +85,7 @@ class Journal:
                 f"{self.journal} belongs to another job ({entries[0].get('job')}); resume with the same "
                 "input, flags and process count, or delete the OUTPUT.part*/journal* files"
             )
-        self.windows = [Window(**e["window"]) for e in entries[1:] if "window" in e]
+        self.windows = self._finished(self.rank)
         end = self.windows[-1].end if self.windows else 0
         with self.part.open("r+b") as f:  # drop a window cut off by the crash
             f.truncate(end)
@@ -99,6 +99,10 @@ class Journal:
             except json.JSONDecodeError:
                 break  # a line cut off by the crash: its window is not done
         return entries
+
+    def _finished(self, rank: int) -> list[Window]:
+        """The windows process `rank` has written, in order."""
+        return [Window(**e["window"]) for e in self._entries(rank) if "window" in e]
 
     def append(self, index: int, records: list[dict[str, Any]], skipped: int) -> None:
         data = "".join(json.dumps(r) + "\n" for r in records).encode()
@@ -128,10 +132,7 @@ class Journal:
     def merged_records(self, total_windows: int) -> Iterator[list[dict[str, Any]]]:
         """Every process's rows, window by window in input order."""
         parts = [self._part(rank).open("rb") for rank in range(self.world)]
-        finished = {
-            rank: iter(Window(**e["window"]) for e in self._entries(rank) if "window" in e)
-            for rank in range(self.world)
-        }
+        finished = {rank: iter(self._finished(rank)) for rank in range(self.world)}
         try:
             for index in range(total_windows):
                 rank = index % self.world
@@ -142,9 +143,7 @@ class Journal:
                 f.close()
 
     def skipped(self) -> int:
-        return sum(
-            e["window"]["skipped"] for rank in range(self.world) for e in self._entries(rank) if "window" in e
-        )
+        return sum(window.skipped for rank in range(self.world) for window in self._finished(rank))
 
     def merge(self, total_windows: int, each: Callable[[dict[str, Any]], None]) -> int:
         """Write OUTPUT from the parts (calling `each` on every row), then remove the parts;

@@ -51,13 +51,6 @@ class Scored:
     skipped: int
 
 
-def _messages(prompt: Any) -> bool:
-    return isinstance(prompt, list) and all(
-        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-        for m in prompt
-    )
-
-
 def _responses(record: dict[str, Any], place: str) -> tuple[list[str], bool]:
     """The row's responses, and whether it gave a single "response"."""
     if ("response" in record) == ("responses" in record):
@@ -75,11 +68,9 @@ def _responses(record: dict[str, Any], place: str) -> tuple[list[str], bool]:
 def row_inputs(row: Row, rm: RewardModelInfo, policy_tokenizer) -> tuple[list[list[int]], bool]:
     """A row's RM inputs (one per response) and whether it had a single "response"; BadInput naming
     the row and field when it cannot be scored as given."""
-    record, place = row.record, row.place
-    prompt = record.get("prompt")
-    if not isinstance(prompt, str) and not _messages(prompt):
-        raise BadInput(f'{place}: "prompt" must be a string or a list of {{"role", "content"}} messages')
-    responses, single = _responses(record, place)
+    place = row.place
+    prompt = row.prompt()
+    responses, single = _responses(row.record, place)
     texts = [prompt] if isinstance(prompt, str) else [m["content"] for m in prompt]
     for name, text in [("prompt", t) for t in texts] + [("response", r) for r in responses]:
         try:
@@ -107,7 +98,7 @@ class ScoreJob:
         self.rm, self.policy_tokenizer = rm, policy_tokenizer
         self.scorer, self.weights = scorer, weights
         self.skip_bad_rows = skip_bad_rows
-        self.bad_places: list[str] = []
+        self.bad_rows = 0  # this run's; the journal counts every run's
         self.tokens = 0
         self.padded_tokens = 0  # tokens of the padded batches a transformers forward runs
 
@@ -122,9 +113,9 @@ class ScoreJob:
                 if not self.skip_bad_rows:
                     raise
                 scored.skipped += 1
-                if len(self.bad_places) < 10:
+                self.bad_rows += 1
+                if self.bad_rows <= 10:
                     log.warning("skipping %s", error)
-                self.bad_places.append(str(error).split(": ", 1)[0])
                 continue
             index = len(scored.records)
             scored.records.append(dict(row.record))
@@ -207,7 +198,7 @@ def _parser():
     return parser
 
 
-def _scorer(args, rank: int):
+def _scorer(args):
     from server.engines.build import build_scorer
     from server.settings import Settings
 
@@ -242,7 +233,7 @@ async def run(args) -> dict[str, Any]:
     if args.resume and args.output.exists() and not journal.leftovers():
         return {"output": str(args.output), "note": "already complete; nothing to do"}
     last_done = journal.open(args.resume)
-    scorer, engine = _scorer(args, rank)
+    scorer, engine = _scorer(args)
     try:
         job = ScoreJob(rm, policy_tokenizer, scorer, await scorer.load(rm), args.skip_bad_rows)
         started = time.monotonic()  # the job's time: reading, tokenizing, scoring, writing

@@ -27,6 +27,19 @@ class Row:
     record: dict[str, Any]
     place: str  # "file:line" or "file:row N"
 
+    def prompt(self) -> str | list[dict[str, str]]:
+        """The row's "prompt": a string, or chat messages reduced to role and content (what
+        `/v1/score` and the chat route pass on); BadInput naming the row otherwise."""
+        prompt = self.record.get("prompt")
+        if isinstance(prompt, str):
+            return prompt
+        if isinstance(prompt, list) and all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in prompt
+        ):
+            return [{"role": m["role"], "content": m["content"]} for m in prompt]
+        raise BadInput(f'{self.place}: "prompt" must be a string or a list of {{"role", "content"}} messages')
+
 
 def table_format(path: Path) -> str:
     if path.suffix not in FORMATS:

@@ -200,7 +200,7 @@ def main(argv: list[str] | None = None) -> dict:
         if args.k < 1:
             raise BadInput("-k must be at least 1")
         try:
-            prompts = [p for p in load_prompts(args.prompts)]
+            prompts = load_prompts(args.prompts)
         except RecipeError as error:
             raise BadInput(str(error)) from None
         pools = pools_from_models(args, prompts, gold)
