@@ -219,3 +219,24 @@ def test_torchrun_shards_merge_into_one_file_in_input_order(tmp_path, pair_gpt2_
         assert a.get("reward", a.get("rewards")) == pytest.approx(
             b.get("reward", b.get("rewards")), rel=1e-4, abs=1e-5
         )
+
+
+def test_a_journal_line_cut_off_by_a_crash_does_not_hide_the_windows_written_after_it(tmp_path):
+    """kill -9 in the middle of a journal line: the resumed run's lines must follow whole lines."""
+    from server.batch.journal import Journal
+
+    out = tmp_path / "out.jsonl"
+    first = Journal(out, 0, 1, {"job": 1})
+    first.open(resume=False)
+    first.append(0, [{"row": 0}], skipped=0)
+    with first.journal.open("ab") as f:
+        f.write(b'{"window": {"index": 1, "li')  # the crash
+    with first.part.open("ab") as f:
+        f.write(b'{"row": 1}\n{"ro')
+    resumed = Journal(out, 0, 1, {"job": 1})
+    assert resumed.open(resume=True) == 0
+    resumed.append(1, [{"row": 1}], skipped=0)
+    resumed.append(2, [{"row": 2}], skipped=0)
+    resumed.finish(3)
+    assert resumed.merge(3, lambda record: None) == 3
+    assert read_jsonl(out) == [{"row": 0}, {"row": 1}, {"row": 2}]

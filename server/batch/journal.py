@@ -79,6 +79,7 @@ class Journal:
             self.part.write_bytes(b"")
             _fsync_append(self.journal, (json.dumps({"job": self.identity}) + "\n").encode())
             return -1
+        self._drop_torn_line()
         entries = self._entries(self.rank)
         if entries[0].get("job") != self.identity:
             raise BadInput(
@@ -90,6 +91,21 @@ class Journal:
         with self.part.open("r+b") as f:  # drop a window cut off by the crash
             f.truncate(end)
         return self.windows[-1].index if self.windows else -1
+
+    def _drop_torn_line(self) -> None:
+        """Cut this process's journal after its last whole line. A crash mid-write leaves part of
+        a line, and lines appended after it would join it and be unreadable."""
+        whole = 0
+        for line in self.journal.read_bytes().splitlines(keepends=True):
+            try:
+                json.loads(line)
+            except json.JSONDecodeError:
+                break
+            if not line.endswith(b"\n"):
+                break
+            whole += len(line)
+        with self.journal.open("r+b") as f:
+            f.truncate(whole)
 
     def _entries(self, rank: int) -> list[dict[str, Any]]:
         entries = []
