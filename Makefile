@@ -23,7 +23,7 @@ TINY ?= models/tiny
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: install install-vllm serve test test-vllm bench bench-vllm bench-vllm-reload bench-score bench-health demo default-models lint lint-docker clean
+.PHONY: install install-vllm serve test test-vllm bench bench-vllm bench-vllm-reload bench-score bench-prefix bench-early-rejection bench-health demo default-models lint lint-docker clean
 
 install: $(VENV)/.installed
 
@@ -85,6 +85,10 @@ bench-score: $(VENV)/.installed
 	$(PY) benchmarks/score_bench.py --hidden 128 --layers 4 --prompt-words 5 20 --response-words 2 10 \
 		--output bench-results/score_bench_short_small.json
 	$(PY) benchmarks/score_bench.py --rows 1000 --output bench-results/score_bench_long.json
+
+# Shared-prefix scoring against a plain batched forward (512-token prompt, 16 x 64-token completions).
+bench-prefix: $(VENV)/.installed
+	$(PY) benchmarks/prefix_bench.py
 
 bench-health: $(TINY)/.built
 	$(PY) benchmarks/health_under_load.py --policy $(TINY)/policy --reward-model $(TINY)/reward_model

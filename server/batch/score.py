@@ -126,14 +126,20 @@ class ScoreJob:
         return scored
 
     async def score(self, scored: Scored, batch_tokens: int) -> None:
-        """Rewards in, sorted by length for the forward passes and put back in input order."""
-        order = sorted(range(len(scored.inputs)), key=lambda i: len(scored.inputs[i]))
+        """Rewards in, sorted by length for the forward passes and put back in input order. A row's
+        responses stay together (ordered by the row's longest), so the scorer runs their shared
+        prompt once."""
+        longest: dict[int, int] = {}
+        for (record, _), ids in zip(scored.owners, scored.inputs, strict=True):
+            longest[record] = max(longest.get(record, 0), len(ids))
+        order = sorted(
+            range(len(scored.inputs)), key=lambda i: (longest[scored.owners[i][0]], scored.owners[i][0])
+        )
         by_length = [scored.inputs[i] for i in order]
         rewards = await self.scorer.score(by_length, self.weights)
         self.tokens += sum(len(ids) for ids in by_length)
         self.padded_tokens += sum(
-            len(chunk) * len(chunk[-1])
-            for chunk in token_budget_chunks(by_length, batch_tokens)  # sorted: last is longest
+            len(chunk) * max(map(len, chunk)) for chunk in token_budget_chunks(by_length, batch_tokens)
         )
         for position, reward in zip(order, rewards, strict=True):
             record_index, response_index = scored.owners[position]

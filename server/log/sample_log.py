@@ -2,8 +2,10 @@
 
 SQLite in WAL mode with synchronous=NORMAL: a committed transaction survives the process being
 killed (kill -9) and the file is never left corrupt; only an OS crash or power loss can drop the
-last transactions. One writer thread drains a queue and commits at least every `flush_interval`
-seconds. `close()` (on SIGTERM, via the server's shutdown) writes everything still queued.
+last transactions. One writer thread drains a queue and commits every half `flush_interval`, so a
+request queued just after a commit is committed within `flush_interval` even when the machine is
+busy and the commit itself is slow. `close()` (on SIGTERM, via the server's shutdown) writes
+everything still queued.
 
 What a request shares is stored once: its sampling parameters and model identities in
 `requests`, each prompt in `prompts`, and only what differs per candidate in `completions`. The
@@ -284,7 +286,7 @@ class SampleLog:
     def __init__(self, path: Path, flush_interval: float = 0.5, max_pending_bytes: int = 64 * 2**20):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._flush_interval = flush_interval
+        self._commit_every = flush_interval / 2  # the other half is the commit's own time
         self._max_pending_bytes = max_pending_bytes
         self._pending_bytes = 0  # queued and not yet committed
         self._pending_lock = threading.Lock()
@@ -345,7 +347,7 @@ class SampleLog:
         pending: list = []
         pending_bytes = 0
         barriers: list[threading.Event] = []
-        deadline = time.monotonic() + self._flush_interval
+        deadline = time.monotonic() + self._commit_every
         stopping = False
         while not stopping:
             try:
@@ -368,7 +370,7 @@ class SampleLog:
                 barrier.set()
             barriers = []
             if time.monotonic() >= deadline:
-                deadline = time.monotonic() + self._flush_interval
+                deadline = time.monotonic() + self._commit_every
 
     def _commit(self, items: list) -> None:
         requests = [i for i in items if isinstance(i, RequestRecord)]

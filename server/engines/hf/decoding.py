@@ -15,6 +15,7 @@ import torch
 from server.engines.contract import Candidate, FinishReason, SampleRequest
 from server.engines.hf.logits import choose_tokens, filter_logits, gumbel_noise
 from server.engines.hf.models import HFPolicy
+from server.engines.hf.prefix import cache_argument
 
 
 @dataclass
@@ -121,8 +122,8 @@ def generate(policy: HFPolicy, requests: list[SampleRequest]) -> list[list[Candi
             input_ids=torch.tensor(chosen, device=device)[:, None],
             attention_mask=mask,
             position_ids=last_pos[:, None],
-            cache=cache,
             use_cache=True,
+            **{cache_argument(model): cache},
         )
         logits = out.logits[:, -1]  # (A, V)
 

@@ -15,6 +15,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, PreTrainedModel
 
 from server.checkpoints import loading, torch_dtype
+from server.engines.hf.prefix import prefix_groups, score_with_shared_prefix
 from server.failures import CheckpointError
 from server.policy import PolicyInfo, read_policy
 from server.reward import RewardModelInfo, read_reward_model
@@ -105,11 +106,24 @@ class HFRewardModel:
 
     @torch.inference_mode()
     def score(self, inputs: list[list[int]]) -> list[float]:
-        """Raw logits for a batch of token-id lists."""
-        if not inputs:
-            return []
-        input_ids, mask = pad_right(inputs, self.info.tokenizer.pad_token_id)
-        return self.read_out(input_ids.to(self.model.device), mask.to(self.model.device)).tolist()
+        """Raw logits for a batch of token-id lists. Neighbours that share a long prefix (a
+        prompt's candidates) run it once; the rest run as one right-padded batch."""
+        rewards = [0.0] * len(inputs)
+        alone: list[int] = []
+        for group in prefix_groups(inputs):
+            if not group.shared:
+                alone += range(group.start, group.end)
+                continue
+            shared = score_with_shared_prefix(
+                self.model.base_model, self.read_out.head, inputs[group.start : group.end], group.shared
+            )
+            rewards[group.start : group.end] = shared.tolist()
+        if alone:
+            input_ids, mask = pad_right([inputs[i] for i in alone], self.info.tokenizer.pad_token_id)
+            batch = self.read_out(input_ids.to(self.model.device), mask.to(self.model.device))
+            for i, reward in zip(alone, batch.tolist(), strict=True):
+                rewards[i] = reward
+        return rewards
 
 
 def load_policy_weights(info: PolicyInfo, device: str, dtype: str) -> HFPolicy:
