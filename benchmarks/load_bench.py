@@ -8,6 +8,9 @@ Every side uses the same models, prompts, best_of and max_tokens, in one run on 
 - baseline: what TRL's deleted BestOfNSampler did, one request at a time in-process:
   `generate(num_return_sequences=N)` on the duplicated prompt, then the RM on each candidate.
 Prints requests/s and p50/p99 latency for each and the ratios to the baseline; writes JSON.
+On each server it also times a late short request (best_of 1, max_tokens 4) sent while a
+best_of 16, max_tokens 48 request decodes, against the same request on the idle server:
+continuous batching lets it join the running batch instead of waiting for it.
 
     python benchmarks/load_bench.py --policy DIR --reward-model DIR [--clients 16 --best-of 8] [--engine vllm]
 """
@@ -96,13 +99,45 @@ async def drive(
     return latencies, wall
 
 
+SHORT = {"model": "bench", "prompt": "the cat runs and", "max_tokens": 4, "best_of": 1, "seed": 0}
+LONG = {"model": "bench", "prompt": "one two three", "max_tokens": 48, "best_of": 16, "seed": 1}
+
+
+async def late_short_request(url: str, repeats: int = 5) -> dict:
+    """Median latency of SHORT alone, and of SHORT sent while LONG decodes (a quarter of LONG's
+    own time after it), each repeated."""
+
+    async def timed(client, body) -> float:
+        start = time.perf_counter()
+        (await client.post(f"{url}/v1/completions", json=body)).raise_for_status()
+        return time.perf_counter() - start
+
+    async with httpx.AsyncClient(timeout=600) as client:
+        idle = [await timed(client, SHORT) for _ in range(repeats)]
+        long_alone = statistics.median([await timed(client, LONG) for _ in range(3)])
+        late = []
+        for _ in range(repeats):
+            long = asyncio.create_task(timed(client, LONG))
+            await asyncio.sleep(long_alone / 4)
+            late.append(await timed(client, SHORT))
+            await long
+    idle_s, late_s = statistics.median(idle), statistics.median(late)
+    return {
+        "idle_s": idle_s,
+        "during_long_batch_s": late_s,
+        "long_alone_s": long_alone,
+        "ratio": late_s / idle_s,
+    }
+
+
 def run_server(args, total: int, engine: str) -> dict:
-    flags = ["--max-best-of", str(args.best_of), "--torch-threads", str(args.threads)]
+    flags = ["--max-best-of", str(max(args.best_of, 16)), "--torch-threads", str(args.threads)]
     flags += ["--engine", engine, "--reward-engine", engine]
     with bon_serve(args.policy, args.reward_model, *flags) as (url, _):
         asyncio.run(drive(url, args.clients, args.clients, args.best_of, args.max_tokens))  # warm-up
         latencies, wall = asyncio.run(drive(url, total, args.clients, args.best_of, args.max_tokens))
-    return summary(latencies, wall)
+        late = asyncio.run(late_short_request(url))
+    return summary(latencies, wall) | {"late_short_request": late}
 
 
 @torch.inference_mode()
@@ -179,6 +214,13 @@ def main() -> None:
     for name, r in sides.items():
         ratio = r["requests_per_s"] / baseline["requests_per_s"]
         print(f"{name:10}{r['requests_per_s']:>10.2f}{r['p50_s']:>10.3f}{r['p99_s']:>10.3f}{ratio:>11.2f}x")
+    for name in sides.keys() - {"baseline"}:
+        late = sides[name]["late_short_request"]
+        print(
+            f"{name}: a best_of 1, max_tokens 4 request takes {late['during_long_batch_s']:.3f} s while a "
+            f"best_of 16, max_tokens 48 one ({late['long_alone_s']:.2f} s alone) decodes, "
+            f"{late['idle_s']:.3f} s on an idle server: {late['ratio']:.2f}x"
+        )
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(result, indent=2))
     print(f"wrote {args.output}")

@@ -23,19 +23,27 @@ QUEUE_WAIT = Histogram(
 )
 STAGE_SECONDS = Histogram(
     "bon_batch_duration_seconds",
-    "Time one batch took in a stage (sampling or scoring).",
+    "Time one engine call took: a scoring batch, or one step of the running sampling batch "
+    "(requests joining it prefilled, then one token for every row).",
     ["stage"],
     buckets=_LATENCY_BUCKETS,
 )
 BATCH_SEQUENCES = Histogram(
-    "bon_batch_sequences", "Sequences in one batch.", ["stage"], buckets=_SIZE_BUCKETS
+    "bon_batch_sequences",
+    "Sequences in one scoring batch, or in the sampling batch as requests join it.",
+    ["stage"],
+    buckets=_SIZE_BUCKETS,
 )
 BATCH_TOKENS = Histogram(
-    "bon_batch_tokens", "Token budget used by one batch.", ["stage"], buckets=_TOKEN_BUCKETS
+    "bon_batch_tokens",
+    "Token budget used by one scoring batch, or by the sampling batch as requests join it.",
+    ["stage"],
+    buckets=_TOKEN_BUCKETS,
 )
 DROPPED = Counter("bon_dropped_jobs", "Queued jobs dropped because their client went away.", ["stage"])
 PROMPT_TOKENS = Counter("bon_prompt_tokens", "Prompt tokens processed (once per prompt).")
 GENERATED_TOKENS = Counter("bon_generation_tokens", "Tokens generated over all candidates.")
+PRUNED = Counter("bon_pruned_candidates", "Candidates that early rejection stopped at its decision point.")
 CANDIDATES = Histogram(
     "bon_candidates_per_request", "Candidates sampled per prompt (best_of).", buckets=_SIZE_BUCKETS
 )

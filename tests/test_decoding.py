@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from server.engines.contract import SampleRequest, SamplingParams
-from server.engines.hf.decoding import generate
+from server.engines.hf.decoding import DecodeBatch, generate
 from server.engines.hf.logits import choose_tokens, filter_logits, gumbel_noise
 from server.engines.hf.models import HFPolicy, load_policy
 
@@ -41,6 +41,56 @@ def test_greedy_matches_generate_for_every_row_of_a_mixed_batch(models, name):
         for c in candidates:
             assert c.token_ids == expected[0, ids.shape[1] :].tolist()
             assert c.finish_reason == "length"
+
+
+def run_with_joins(policy, arrivals: dict[int, list[SampleRequest]], check=None) -> dict[int, list]:
+    """Decode with requests joining the running batch at the given steps, calling `check(batch)`
+    after every change; candidates by request id."""
+    batch, done, step = DecodeBatch(policy), {}, 0
+    while len(batch) or any(s >= step for s in arrivals):
+        batch.admit(arrivals.get(step, []))
+        if len(batch):
+            check and check(batch)
+            done.update((id(r), c) for r, c in batch.step())
+        step += 1
+    return done
+
+
+@pytest.mark.parametrize("name", ["gpt2_policy", "llama_policy", "qwen2_policy"])
+def test_every_row_of_a_batch_others_join_and_leave_sees_only_its_own_sequence(models, name):
+    policy = load(models[name])
+    model, tok = policy.model, policy.tokenizer
+    params = SamplingParams(max_tokens=10, seed=3)
+    # A long prompt joins short ones mid-decode (its cache is the wider), then a short prompt joins
+    # after the first rows left (the running cache is the wider).
+    first = SampleRequest(tok(PROMPTS[0]).input_ids, 2, replace(params, max_tokens=4), policy)
+    second = SampleRequest(tok(PROMPTS[1] + " " + PROMPTS[1]).input_ids, 3, params, policy)
+    third = SampleRequest(tok(PROMPTS[2]).input_ids, 1, params, policy)
+    checked = []
+
+    def next_token_logits_are_a_plain_forward_s(batch):
+        for slot, (running, index) in enumerate(batch.slots):
+            sequence = running.request.prompt_ids + running.rows[index].tokens
+            with torch.no_grad():
+                expected = model(torch.tensor([sequence])).logits[0, -1]
+            torch.testing.assert_close(batch.logits[slot], expected, rtol=1e-4, atol=1e-4)
+            checked.append(len(batch))
+
+    done = run_with_joins(
+        policy, {0: [first], 2: [second], 6: [third]}, next_token_logits_are_a_plain_forward_s
+    )
+    assert all(len(done[id(r)]) == r.n for r in (first, second, third))
+    assert max(checked) == 5 and 4 in checked  # rows of two requests at once, in both joins
+
+
+def test_seeded_candidates_do_not_depend_on_when_they_joined(models):
+    policy = load(models["qwen2_policy"])
+    tok = policy.tokenizer
+    mine = SampleRequest(tok(PROMPTS[2]).input_ids, 4, SamplingParams(max_tokens=8, seed=7), policy)
+    alone = generate(policy, [mine])[0]
+    other = SampleRequest(tok(PROMPTS[1]).input_ids, 3, SamplingParams(max_tokens=12, seed=1), policy)
+    joined = run_with_joins(policy, {0: [other], 5: [mine]})[id(mine)]
+    assert [c.token_ids for c in joined] == [c.token_ids for c in alone]
 
 
 def test_top_k_one_is_greedy(models):

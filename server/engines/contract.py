@@ -58,6 +58,12 @@ class SampleRequest:
     cancelled: Callable[[], bool] = field(default=lambda: False)
 
 
+def stop_cut(text: str, stops: tuple[str, ...]) -> str | None:
+    """The text before the earliest stop string, or None when none occurs."""
+    hits = [text.find(s) for s in stops if s in text]
+    return text[: min(hits)] if hits else None
+
+
 def sampling_cost(prompt_tokens: int, n: int, max_tokens: int) -> int:
     """Token budget one prompt takes: its prefill once, and room for each of n rows to grow."""
     return prompt_tokens + n * max_tokens
