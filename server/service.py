@@ -37,8 +37,9 @@ from server.prompts import (
     scoring_input,
     text_prompt,
 )
+from server.rejection import EarlyRejection, continuation, joined
 from server.reward import Messages, RewardInput, RewardModelInfo
-from server.selection import rank_by_reward, ranks_of
+from server.selection import rank_by_reward, rank_with_pruned_last, ranks_of
 
 Info = TypeVar("Info", PolicyInfo, RewardModelInfo)
 
@@ -59,9 +60,10 @@ class Loaded(Generic[Info]):
 @dataclass
 class ScoredCandidate:
     candidate: Candidate
-    reward: float
+    reward: float  # of the candidate as it stands: a pruned one's is its partial reward
     rank: int
     reward_truncated: bool
+    pruned: bool = False  # stopped by early rejection: never returned, ranked after the rest
 
 
 @dataclass
@@ -82,6 +84,17 @@ def draws(params: SamplingParams, best_of: int) -> int:
     best_of > 1 it is decoded once and stands for every candidate (vLLM refuses greedy n > 1;
     decoding the same row best_of times would only cost more)."""
     return 1 if params.temperature == 0 else best_of
+
+
+async def gather_or_cancel(*awaitables):
+    """asyncio.gather that cancels the rest when one fails: work nobody will use stops."""
+    tasks = [asyncio.ensure_future(a) for a in awaitables]
+    try:
+        return await asyncio.gather(*tasks)
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        raise
 
 
 class BestOfN:
@@ -295,20 +308,15 @@ class BestOfN:
         n: int,
         best_of: int,
         log: bool,
+        rejection: EarlyRejection | None = None,
     ) -> list[BestOfNResult]:
-        tasks = [asyncio.ensure_future(self._one(p, params, n, best_of)) for p in prompts]
-        try:
-            results = await asyncio.gather(*tasks)
-        except BaseException:
-            # One prompt refused (a full queue) or failed: the request fails, so its other prompts
-            # must not go on sampling and scoring for nobody.
-            for task in tasks:
-                task.cancel()
-            raise
+        # One prompt refused (a full queue) or failed: the request fails, so its other prompts
+        # must not go on sampling and scoring for nobody.
+        results = await gather_or_cancel(*(self._one(p, params, n, best_of, rejection) for p in prompts))
         if log and self.sample_log is not None:
             # Before the response: what is acknowledged is queued, and the queue is bounded.
             await self.sample_log.append_when_room(
-                self._record(request_id, results, params), LOG_ROOM_SECONDS
+                self._record(request_id, results, params, rejection), LOG_ROOM_SECONDS
             )
         return list(results)
 
@@ -319,16 +327,54 @@ class BestOfN:
         # Greedy: the one decoded completion stands for every candidate (copies, not shared objects).
         return [*candidates, *(replace(candidates[0]) for _ in range(best_of - rows))]
 
-    async def _one(self, prompt: Prompt, params: SamplingParams, n: int, best_of: int) -> BestOfNResult:
-        candidates = await self._sample(prompt, params, best_of)
+    async def _rewards(self, prompt: Prompt, candidates: list[Candidate]) -> list[tuple[float, bool]]:
+        """(reward, truncated) of each candidate as it stands."""
         inputs = await self.tokenize(lambda: [self.reward_input(prompt, c.text) for c in candidates])
         rewards = await self.score([i.token_ids for i in inputs])
-        ranks = ranks_of(rewards)
+        return [(r, i.truncated) for r, i in zip(rewards, inputs, strict=True)]
+
+    async def _sample_and_prune(
+        self, prompt: Prompt, params: SamplingParams, best_of: int, rejection: EarlyRejection
+    ) -> tuple[list[Candidate], list[tuple[float, bool]], list[bool]]:
+        """Early rejection (server/rejection.py): candidates, their rewards, and which were pruned."""
+        candidates = await self._sample(prompt, replace(params, max_tokens=rejection.after_tokens), best_of)
+        rewards = await self._rewards(prompt, candidates)
+        # Cut at the decision point ("length"), not ended by eos or a stop string: unfinished. The
+        # finished ones are complete and cost nothing more, so only the unfinished compete to go on.
+        unfinished = [i for i, c in enumerate(candidates) if c.finish_reason == "length"]
+        by_reward = rank_by_reward([rewards[i][0] for i in unfinished])
+        going = sorted(unfinished[j] for j in by_reward[: rejection.survivors(best_of)])
+        weights = self.loaded_policy.weights
+        rests = await gather_or_cancel(
+            *(
+                self.sampler.sample(continuation(prompt.token_ids, candidates[i], params, i, weights))
+                for i in going
+            )
+        )
+        for i, [rest] in zip(going, rests, strict=True):
+            candidates[i] = joined(candidates[i], rest, params.stop)
+        for i, reward in zip(going, await self._rewards(prompt, [candidates[i] for i in going]), strict=True):
+            rewards[i] = reward
+        pruned = [i in unfinished and i not in going for i in range(best_of)]
+        metrics.PRUNED.inc(sum(pruned))
+        return candidates, rewards, pruned
+
+    async def _one(
+        self, prompt: Prompt, params: SamplingParams, n: int, best_of: int, rejection: EarlyRejection | None
+    ) -> BestOfNResult:
+        if rejection is not None and rejection.prunes(params, best_of):
+            candidates, scores, pruned = await self._sample_and_prune(prompt, params, best_of, rejection)
+        else:
+            candidates = await self._sample(prompt, params, best_of)
+            scores, pruned = await self._rewards(prompt, candidates), [False] * best_of
+        rewards = [r for r, _ in scores]
+        order = rank_with_pruned_last(rewards, pruned)
+        ranks = ranks_of(order)
         scored = [
-            ScoredCandidate(c, r, rank, i.truncated)
-            for c, r, rank, i in zip(candidates, rewards, ranks, inputs, strict=True)
+            ScoredCandidate(c, r, rank, truncated, p)
+            for c, (r, truncated), rank, p in zip(candidates, scores, ranks, pruned, strict=True)
         ]
-        chosen = rank_by_reward(rewards)[:n]
+        chosen = order[:n]
 
         metrics.PROMPT_TOKENS.inc(len(prompt.token_ids))
         metrics.CANDIDATES.observe(best_of)
@@ -341,7 +387,13 @@ class BestOfN:
         metrics.GENERATED_TOKENS.inc(result.completion_tokens)
         return result
 
-    def _record(self, request_id: str, results: list[BestOfNResult], params: SamplingParams) -> RequestRecord:
+    def _record(
+        self,
+        request_id: str,
+        results: list[BestOfNResult],
+        params: SamplingParams,
+        rejection: EarlyRejection | None,
+    ) -> RequestRecord:
         params_logged = {
             "max_tokens": params.max_tokens,
             "temperature": params.temperature,
@@ -351,6 +403,7 @@ class BestOfN:
             "seed": params.seed,
             "best_of": len(results[0].candidates),
             "n": len(results[0].chosen),
+            "early_rejection": rejection.logged() if rejection is not None else None,
         }
         return RequestRecord(
             request_id=request_id,
@@ -371,6 +424,7 @@ class BestOfN:
                     finish_reason=s.candidate.finish_reason,
                     completion_tokens=len(s.candidate.token_ids),
                     reward_truncated=s.reward_truncated,
+                    pruned=s.pruned,
                 )
                 for prompt_index, result in enumerate(results)
                 for index, s in enumerate(result.candidates)

@@ -86,4 +86,4 @@ def test_chat_input_uses_the_rm_template_without_a_second_bos(rm):
 def test_ranking_breaks_ties_by_sampling_order():
     rewards = [0.5, 2.0, 0.5, 2.0, -1.0]
     assert rank_by_reward(rewards) == [1, 3, 0, 2, 4]
-    assert ranks_of(rewards) == [2, 0, 3, 1, 4]
+    assert ranks_of(rank_by_reward(rewards)) == [2, 0, 3, 1, 4]

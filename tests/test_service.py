@@ -14,7 +14,7 @@ from bon.tiny_models import tokenizer_a, tokenizer_b
 from server import failures
 from server.api.errors import FAILURES, failure_response
 from server.engines.contract import SamplingParams
-from server.log.sample_log import SampleLog, read_records
+from server.log.sample_log import CompletionRecord, RequestRecord, SampleLog, read_records
 from server.policy import PolicyInfo
 from server.reward import RewardModelInfo
 from server.service import BestOfN, Loaded
@@ -283,3 +283,46 @@ def test_a_refused_prompt_cancels_the_request_s_other_prompts(tokenizers):
         await asyncio.wait_for(sampler.cancelled.wait(), 1)
 
     asyncio.run(scenario())
+
+
+def test_a_log_without_the_pruned_column_gains_it_and_raft_reads_only_finished_candidates(tmp_path):
+    import sqlite3
+
+    from server.log.sample_log import SCHEMA
+
+    path = tmp_path / "before_early_rejection.db"
+    older = SCHEMA.replace(
+        "    created REAL NOT NULL,            -- the request's, repeated for the time-window index\n"
+        "    pruned INTEGER NOT NULL DEFAULT 0 -- stopped by early rejection: partial text, partial reward\n",
+        "    created REAL NOT NULL\n",
+    ).replace(", c.created, c.pruned\n", ", c.created\n")
+    assert "pruned" not in older
+    db = sqlite3.connect(path)
+    db.executescript(older)
+    db.execute("INSERT INTO requests VALUES ('a', '{}', '/p', 'v1', '/rm', 'v2', 10.0)")
+    db.execute("INSERT INTO prompts VALUES ('a', 0, '\"the cat\"', 3)")
+    db.execute(
+        "INSERT INTO completions (request_id, prompt_index, candidate_index, completion, reward, rank, "
+        "finish_reason, completion_tokens, reward_truncated, created) "
+        "VALUES ('a', 0, 0, ' sat', 1.5, 0, 'stop', 2, 0, 10.0)"
+    )
+    db.commit()
+    db.close()
+    [old] = read_records(path)
+    assert (old["completion"], old["pruned"]) == (" sat", False)
+
+    log = SampleLog(path)
+    log.append(
+        RequestRecord(
+            "b", {}, "/p", "v1", "/rm", "v2", 11.0, [("the dog", 3)],
+            [CompletionRecord(0, 0, " ran far", 2.0, 0, "length", 4, False),
+             CompletionRecord(0, 1, " ra", -1.0, 1, "length", 2, False, pruned=True)],
+        )
+    )  # fmt: skip
+    log.close()
+    assert [(r["completion"], r["pruned"]) for r in read_records(path)] == [
+        (" sat", False),
+        (" ran far", False),
+        (" ra", True),
+    ]
+    assert [r["completion"] for r in read_records(path, finished_only=True)] == [" sat", " ran far"]

@@ -147,7 +147,9 @@ def parent_window_end(policy: Path) -> float:
 
 
 def samples_from_log(sample_log: Path, since: float, until: float) -> list[Sample]:
-    return [Sample(r["prompt"], r["completion"], r["reward"]) for r in read_records(sample_log, since, until)]
+    # Pruned candidates are partial texts: never a target to fine-tune on.
+    records = read_records(sample_log, since, until, finished_only=True)
+    return [Sample(r["prompt"], r["completion"], r["reward"]) for r in records]
 
 
 @torch.inference_mode()

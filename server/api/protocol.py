@@ -1,7 +1,7 @@
 """Wire schemas of the HTTP API (OpenAI's, plus bon's extensions), validated where they are defined.
 
 A schema violation becomes a 400 in the OpenAI error envelope naming the field (see `errors`).
-Extensions: `best_of` on chat, `top_k`, `return_candidates`, `log`.
+Extensions: `best_of` on chat, `top_k`, `return_candidates`, `log`, `early_rejection`.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from pydantic import (
 from server.engines.contract import SamplingParams
 from server.failures import InvalidInput
 from server.prompts import unicode_text
+from server.rejection import EarlyRejection
 
 Text = Annotated[str, AfterValidator(unicode_text)]
 
@@ -85,6 +86,17 @@ class ChatMessage(BaseModel):
         return {"role": self.role, "content": self.content or ""}
 
 
+class EarlyRejectionParams(BaseModel):
+    """Decode every candidate to `after_tokens`, score them, and finish only the best `keep` share."""
+
+    model_config = ConfigDict(extra="forbid")
+    after_tokens: int = Field(ge=1, description="Tokens every candidate gets before the decision.")
+    keep: float = Field(gt=0.0, le=1.0, description="Share of best_of decoded past it (rounded up).")
+
+    def rule(self) -> EarlyRejection:
+        return EarlyRejection(self.after_tokens, self.keep)
+
+
 class _Sampling(_Request):
     """Fields shared by completions and chat completions."""
 
@@ -104,6 +116,11 @@ class _Sampling(_Request):
     stream: bool = False
     return_candidates: bool = False
     log: bool = Field(True, description="false keeps this request's candidates out of the log.")
+    early_rejection: EarlyRejectionParams | None = Field(
+        None,
+        description="Extension, off by default: stop decoding the candidates the reward model "
+        "ranks lowest partway (speculative rejection).",
+    )
 
     @field_validator("stop")
     @classmethod
@@ -130,6 +147,17 @@ class _Sampling(_Request):
             raise ValueError(f"best_of ({best_of}) must be at least n ({n})")
         return best_of
 
+    @field_validator("early_rejection")
+    @classmethod
+    def _keeps_n(cls, rejection, info: ValidationInfo):
+        n, best_of = info.data.get("n", 1), info.data.get("best_of") or 1
+        if rejection is not None and rejection.rule().survivors(best_of) < n:
+            raise ValueError(
+                f"keep {rejection.keep} of best_of {best_of} finishes "
+                f"{rejection.rule().survivors(best_of)} candidates, fewer than n ({n})"
+            )
+        return rejection
+
     @field_validator("stream")
     @classmethod
     def _no_stream_of_many(cls, stream, info: ValidationInfo):
@@ -139,6 +167,9 @@ class _Sampling(_Request):
                 "all best_of candidates are sampled and scored"
             )
         return stream
+
+    def rejection(self) -> EarlyRejection | None:
+        return self.early_rejection.rule() if self.early_rejection is not None else None
 
     def sampling_params(self, max_tokens: int) -> SamplingParams:
         return SamplingParams(

@@ -45,6 +45,7 @@ class CandidateOut(BaseModel):
     text: str
     reward: float
     finish_reason: FinishReason
+    pruned: bool  # stopped by early rejection: text and reward are partial
 
 
 class CompletionChoice(BaseModel):
@@ -192,6 +193,7 @@ def _candidates(results: list[BestOfNResult]) -> list[CandidateOut]:
             text=s.candidate.text,
             reward=s.reward,
             finish_reason=s.candidate.finish_reason,
+            pruned=s.pruned,
         )
         for p, result in enumerate(results)
         for i, s in enumerate(result.candidates)

@@ -131,7 +131,7 @@ async def completions(body: CompletionRequest, request: Request, service: Servic
     params = _params(request, service, body, prompts)
     request_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     results = await _until_disconnect(
-        request, service.run(request_id, prompts, params, body.n, body.best_of, body.log)
+        request, service.run(request_id, prompts, params, body.n, body.best_of, body.log, body.rejection())
     )
     response = completion_body(
         request_id, created, body.model, service.fingerprint, results, body.n, body.return_candidates
@@ -148,7 +148,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, servic
     params = _params(request, service, body, [prompt])
     request_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     [result] = await _until_disconnect(
-        request, service.run(request_id, [prompt], params, body.n, body.best_of, body.log)
+        request, service.run(request_id, [prompt], params, body.n, body.best_of, body.log, body.rejection())
     )
     response = chat_body(request_id, created, body.model, service.fingerprint, result, body.return_candidates)
     return _maybe_stream(response, body.stream)

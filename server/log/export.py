@@ -36,11 +36,12 @@ def preference_pairs(records: list[dict], min_margin: float = 0.0) -> list[dict]
 
     Candidates are compared only when the same reward-model version scored them (rewards of two
     reward models are not on one scale). Pairs closer than `min_margin`, or of identical texts,
-    say nothing and are dropped. Chat prompts give TRL's conversational form (the responses as
-    assistant turns); text prompts its standard form.
+    say nothing and are dropped, and so are candidates early rejection pruned (partial texts).
+    Chat prompts give TRL's conversational form (the responses as assistant turns); text prompts
+    its standard form.
     """
     groups: dict[tuple[str, str], list[dict]] = {}
-    for record in records:
+    for record in (r for r in records if not r.get("pruned")):
         key = (json.dumps(record["prompt"], sort_keys=True), record["reward_model_version"])
         groups.setdefault(key, []).append(record)
     pairs = []

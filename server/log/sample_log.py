@@ -61,14 +61,15 @@ CREATE TABLE IF NOT EXISTS completions (
     finish_reason TEXT NOT NULL,
     completion_tokens INTEGER NOT NULL,
     reward_truncated INTEGER NOT NULL,
-    created REAL NOT NULL             -- the request's, repeated for the time-window index
+    created REAL NOT NULL,            -- the request's, repeated for the time-window index
+    pruned INTEGER NOT NULL DEFAULT 0 -- stopped by early rejection: partial text, partial reward
 );
 CREATE INDEX IF NOT EXISTS completions_request ON completions (request_id);
 CREATE INDEX IF NOT EXISTS completions_created ON completions (created);
 CREATE VIEW IF NOT EXISTS candidates AS
 SELECT c.id, c.request_id, c.prompt_index, c.candidate_index, p.prompt, c.completion, c.reward,
        c.rank, c.finish_reason, r.policy, r.policy_version, r.reward_model, r.reward_model_version,
-       r.params, p.prompt_tokens, c.completion_tokens, c.reward_truncated, c.created
+       r.params, p.prompt_tokens, c.completion_tokens, c.reward_truncated, c.created, c.pruned
 FROM completions c
 JOIN prompts p ON p.request_id = c.request_id AND p.prompt_index = c.prompt_index
 JOIN requests r ON r.request_id = c.request_id;
@@ -96,6 +97,12 @@ INSERT INTO completions (request_id, prompt_index, candidate_index, completion, 
 DROP TABLE candidates_v1;
 """
 
+# A log written before early rejection has no pruned column; the view is rebuilt to show it.
+ADD_PRUNED = """
+ALTER TABLE completions ADD COLUMN pruned INTEGER NOT NULL DEFAULT 0;
+DROP VIEW candidates;
+"""
+
 # The columns of one candidate as `read_records` returns it (the `candidates` view, less its id).
 COLUMNS = (
     "request_id",
@@ -115,6 +122,7 @@ COLUMNS = (
     "completion_tokens",
     "reward_truncated",
     "created",
+    "pruned",
 )
 
 
@@ -130,6 +138,7 @@ class CompletionRecord:
     finish_reason: str
     completion_tokens: int
     reward_truncated: bool
+    pruned: bool = False
 
 
 @dataclass
@@ -176,11 +185,12 @@ class RequestRecord:
         )
         connection.executemany(
             "INSERT INTO completions (request_id, prompt_index, candidate_index, completion, reward, "
-            "rank, finish_reason, completion_tokens, reward_truncated, created) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "rank, finish_reason, completion_tokens, reward_truncated, created, pruned) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             [
                 (self.request_id, c.prompt_index, c.candidate_index, c.completion, c.reward, c.rank,
-                 c.finish_reason, c.completion_tokens, int(c.reward_truncated), self.created)
+                 c.finish_reason, c.completion_tokens, int(c.reward_truncated), self.created,
+                 int(c.pruned))
                 for c in self.completions
             ],
         )  # fmt: skip
@@ -205,8 +215,11 @@ def connect(path: Path) -> sqlite3.Connection:
     if kind == ("table",):
         log.info("migrating candidate log %s: prompts and parameters stored once per request", path)
         connection.executescript(f"BEGIN; {MIGRATION.format(schema=SCHEMA)} COMMIT;")
-    else:
-        connection.executescript(SCHEMA)
+    columns = {row[1] for row in connection.execute("PRAGMA table_info(completions)")}
+    if columns and "pruned" not in columns:
+        log.info("migrating candidate log %s: a pruned column for early rejection", path)
+        connection.executescript(f"BEGIN; {ADD_PRUNED} COMMIT;")
+    connection.executescript(SCHEMA)
     return connection
 
 
@@ -215,7 +228,8 @@ def _read_only(path: Path) -> sqlite3.Connection:
         raise FileNotFoundError(f"no candidate log at {path}")
     connection = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     kind = connection.execute("SELECT type FROM sqlite_master WHERE name = 'candidates'").fetchone()
-    if kind == ("table",):  # a log of the first layout: migrated (once) before it is read
+    columns = {row[1] for row in connection.execute("PRAGMA table_info(completions)")}
+    if kind == ("table",) or "pruned" not in columns:  # an older layout: migrated (once) before it is read
         connection.close()
         connect(path).close()
         connection = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
@@ -224,17 +238,20 @@ def _read_only(path: Path) -> sqlite3.Connection:
 
 
 def read_records(
-    path: Path, since: float = float("-inf"), until: float = float("inf")
+    path: Path, since: float = float("-inf"), until: float = float("inf"), finished_only: bool = False
 ) -> list[dict[str, Any]]:
-    """Candidates created in (since, until], in insertion order, JSON columns decoded.
+    """Candidates created in (since, until], in insertion order, JSON columns decoded;
+    `finished_only` leaves out those early rejection pruned (partial texts).
 
     The window is applied in SQL (the created index), so a RAFT run reads its window, not the
     whole history of the log.
     """
     connection = _read_only(path)
+    finished = " AND pruned = 0" if finished_only else ""
     try:
         rows = connection.execute(
-            f"SELECT {', '.join(COLUMNS)} FROM candidates WHERE created > ? AND created <= ? ORDER BY id",
+            f"SELECT {', '.join(COLUMNS)} FROM candidates WHERE created > ? AND created <= ?{finished} "
+            "ORDER BY id",
             (since, until),
         ).fetchall()
     finally:
@@ -245,6 +262,7 @@ def read_records(
         record["prompt"] = json.loads(record["prompt"])
         record["params"] = json.loads(record["params"])
         record["reward_truncated"] = bool(record["reward_truncated"])
+        record["pruned"] = bool(record["pruned"])
         records.append(record)
     return records
 
