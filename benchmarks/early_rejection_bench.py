@@ -8,7 +8,10 @@ mean gold score of the returned answer; for early rejection also the share of pl
 gain over N=1 that it keeps, and its tokens as a share of plain best-of-N's. Writes JSON and a
 PNG of tokens against gold score.
 
-    python benchmarks/early_rejection_bench.py [--prompts 48] [--best-of 16] [--max-tokens 48]
+    python benchmarks/early_rejection_bench.py [--prompts 48] [--best-of 16] [--max-tokens 48] [--stay 0.95]
+
+`--stay` is how long the policy's moods last (the chance it keeps one for another word): the
+longer they last, the more a candidate's first tokens tell of its end.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from tqdm import tqdm
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-SETTINGS = [(after, keep) for after in (4, 8, 16) for keep in (0.125, 0.25, 0.5)]
+SETTINGS = [(after, keep) for after in (4, 8, 16) for keep in (0.125, 0.1875, 0.25, 0.5)]
 
 
 async def serve_all(
@@ -73,7 +76,7 @@ def plot(result: dict, path: Path) -> None:
     axes.set_xscale("log")
     axes.set_xlabel("generated tokens (all candidates, all prompts)")
     axes.set_ylabel("mean gold score of the answer")
-    axes.set_title(f"Early rejection on the mood task ({result['max_tokens']}-token completions)")
+    axes.set_title(f"Early rejection, {result['task']}, {result['max_tokens']}-token completions", fontsize=9)
     axes.legend(fontsize=7)
     axes.grid(alpha=0.3)
     figure.tight_layout()
@@ -89,12 +92,13 @@ def main() -> None:
     parser.add_argument("--best-of", type=int, default=16)
     parser.add_argument("--max-tokens", type=int, default=48)
     parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--stay", type=float, default=0.95, help="the policy's chance of keeping its mood")
     parser.add_argument("--output", type=Path, default=Path("bench-results/early_rejection.json"))
     parser.add_argument("--plot", type=Path, default=Path("docs/early-rejection.png"))
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="bon-early-rejection-"))
-    policy, reward_model = build(work)
+    policy, reward_model = build(work, args.stay)
     bright = set(json.loads((work / "bright_words.json").read_text()))
     rng = random.Random(0)
     words = sorted(bright) + sorted(json.loads((work / "dark_words.json").read_text()))
@@ -103,8 +107,14 @@ def main() -> None:
     ]
 
     plain_ns = [n for n in (1, 2, 4, 8, 16, 32) if n <= args.best_of]
-    result = {"task": "mood (benchmarks/mood_task.py)", "prompts": args.prompts, "best_of": args.best_of,
-              "max_tokens": args.max_tokens, "plain": {}, "early_rejection": []}  # fmt: skip
+    result = {
+        "task": f"mood (benchmarks/mood_task.py), stay {args.stay}",
+        "prompts": args.prompts,
+        "best_of": args.best_of,
+        "max_tokens": args.max_tokens,
+        "plain": {},
+        "early_rejection": [],
+    }
     flags = [
         "--max-best-of",
         str(args.best_of),

@@ -8,9 +8,6 @@ Every side uses the same models, prompts, best_of and max_tokens, in one run on 
 - baseline: what TRL's deleted BestOfNSampler did, one request at a time in-process:
   `generate(num_return_sequences=N)` on the duplicated prompt, then the RM on each candidate.
 Prints requests/s and p50/p99 latency for each and the ratios to the baseline; writes JSON.
-On each server it also times a late short request (best_of 1, max_tokens 4) sent while a
-best_of 16, max_tokens 48 request decodes, against the same request on the idle server:
-continuous batching lets it join the running batch instead of waiting for it.
 
     python benchmarks/load_bench.py --policy DIR --reward-model DIR [--clients 16 --best-of 8] [--engine vllm]
 """
@@ -65,7 +62,13 @@ def summary(latencies: list[float], wall: float) -> dict:
         "p50_s": statistics.median(latencies),
         "p99_s": percentile(latencies, 0.99),
         "wall_s": wall,
+        "latencies_s": latencies,
     }
+
+
+def merged(*runs: dict) -> dict:
+    """One summary of several runs of the same side."""
+    return summary([t for r in runs for t in r["latencies_s"]], sum(r["wall_s"] for r in runs))
 
 
 async def drive(
@@ -99,45 +102,13 @@ async def drive(
     return latencies, wall
 
 
-SHORT = {"model": "bench", "prompt": "the cat runs and", "max_tokens": 4, "best_of": 1, "seed": 0}
-LONG = {"model": "bench", "prompt": "one two three", "max_tokens": 48, "best_of": 16, "seed": 1}
-
-
-async def late_short_request(url: str, repeats: int = 5) -> dict:
-    """Median latency of SHORT alone, and of SHORT sent while LONG decodes (a quarter of LONG's
-    own time after it), each repeated."""
-
-    async def timed(client, body) -> float:
-        start = time.perf_counter()
-        (await client.post(f"{url}/v1/completions", json=body)).raise_for_status()
-        return time.perf_counter() - start
-
-    async with httpx.AsyncClient(timeout=600) as client:
-        idle = [await timed(client, SHORT) for _ in range(repeats)]
-        long_alone = statistics.median([await timed(client, LONG) for _ in range(3)])
-        late = []
-        for _ in range(repeats):
-            long = asyncio.create_task(timed(client, LONG))
-            await asyncio.sleep(long_alone / 4)
-            late.append(await timed(client, SHORT))
-            await long
-    idle_s, late_s = statistics.median(idle), statistics.median(late)
-    return {
-        "idle_s": idle_s,
-        "during_long_batch_s": late_s,
-        "long_alone_s": long_alone,
-        "ratio": late_s / idle_s,
-    }
-
-
 def run_server(args, total: int, engine: str) -> dict:
-    flags = ["--max-best-of", str(max(args.best_of, 16)), "--torch-threads", str(args.threads)]
+    flags = ["--max-best-of", str(args.best_of), "--torch-threads", str(args.threads)]
     flags += ["--engine", engine, "--reward-engine", engine]
     with bon_serve(args.policy, args.reward_model, *flags) as (url, _):
         asyncio.run(drive(url, args.clients, args.clients, args.best_of, args.max_tokens))  # warm-up
         latencies, wall = asyncio.run(drive(url, total, args.clients, args.best_of, args.max_tokens))
-        late = asyncio.run(late_short_request(url))
-    return summary(latencies, wall) | {"late_short_request": late}
+    return summary(latencies, wall)
 
 
 @torch.inference_mode()
@@ -167,7 +138,7 @@ def run_baseline(args, total: int) -> dict:
         one(i)
     latencies = []
     start = time.perf_counter()
-    for i in tqdm(range(total), desc="baseline", unit="req"):
+    for i in tqdm(range(total), desc="baseline", unit="req", leave=False):
         t = time.perf_counter()
         one(i)
         latencies.append(time.perf_counter() - t)
@@ -200,12 +171,16 @@ def main() -> None:
     args = parser.parse_args()
     args.threads = apply_torch_threads(args.threads)
 
+    # The baseline runs before and after the servers, half its requests each time, and counts
+    # as one: this machine is shared, and a baseline timed only before or after drifted by 30 %.
+    before = run_baseline(args, args.requests // 2)
     sides = {"bon": run_server(args, args.requests, "transformers")}
     if args.engine == "vllm":
         sides["bon_vllm"] = run_server(args, args.requests, "vllm")
-    sides["baseline"] = run_baseline(args, args.requests)
-    baseline = sides["baseline"]
+    after = run_baseline(args, args.requests - args.requests // 2)
+    sides["baseline"] = baseline = merged(before, after)
     result = {"config": {k: str(v) for k, v in vars(args).items()} | {"cpus": os.cpu_count()}, **sides}
+    result["baseline_halves_requests_per_s"] = [before["requests_per_s"], after["requests_per_s"]]
     for name in sides.keys() - {"baseline"}:
         result[f"{name}_throughput_ratio"] = sides[name]["requests_per_s"] / baseline["requests_per_s"]
         result[f"{name}_p50_ratio"] = sides[name]["p50_s"] / baseline["p50_s"]
@@ -214,13 +189,6 @@ def main() -> None:
     for name, r in sides.items():
         ratio = r["requests_per_s"] / baseline["requests_per_s"]
         print(f"{name:10}{r['requests_per_s']:>10.2f}{r['p50_s']:>10.3f}{r['p99_s']:>10.3f}{ratio:>11.2f}x")
-    for name in sides.keys() - {"baseline"}:
-        late = sides[name]["late_short_request"]
-        print(
-            f"{name}: a best_of 1, max_tokens 4 request takes {late['during_long_batch_s']:.3f} s while a "
-            f"best_of 16, max_tokens 48 one ({late['long_alone_s']:.2f} s alone) decodes, "
-            f"{late['idle_s']:.3f} s on an idle server: {late['ratio']:.2f}x"
-        )
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(result, indent=2))
     print(f"wrote {args.output}")

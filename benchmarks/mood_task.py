@@ -116,8 +116,8 @@ def build_reward_model(out: Path) -> Path:
     return out
 
 
-def build(out: Path) -> tuple[Path, Path]:
-    policy, reward_model = build_policy(out / "policy"), build_reward_model(out / "reward_model")
+def build(out: Path, stay: float = 0.95) -> tuple[Path, Path]:
+    policy, reward_model = build_policy(out / "policy", stay), build_reward_model(out / "reward_model")
     (out / "bright_words.json").write_text(json.dumps(sorted(bright_words(tokenizer_b()))))
     (out / "dark_words.json").write_text(json.dumps(sorted(dark_words(tokenizer_b()))))
     return policy, reward_model

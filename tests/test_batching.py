@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import time
+from dataclasses import replace
 
 import httpx
 import pytest
@@ -79,6 +80,65 @@ def test_disconnected_client_has_its_queued_work_dropped(pair_gpt2_llama, tmp_pa
         assert rows == [(first.json()["id"],)]  # nothing sampled or logged for the abandoned request
     finally:
         stop_server(server)
+
+
+def test_a_request_that_breaks_the_running_batch_fails_alone(models):
+    """The transformers sampler: a request the model cannot run (a token id beyond its vocabulary)
+    joins a running batch; the step fails, every request it held runs again alone, and only the
+    bad one's caller gets the error."""
+    from server.engines.contract import SampleRequest, SamplingParams
+    from server.engines.hf.models import load_policy
+    from server.engines.hf.sampler import TransformersSampler
+
+    policy = load_policy(models["llama_policy"], "cpu", "float32")
+    ids = policy.tokenizer("the cat runs").input_ids
+    params = SamplingParams(max_tokens=6, seed=1)
+
+    async def scenario():
+        sampler = TransformersSampler(
+            "cpu", "float32", max_batch_tokens=1000, max_queued=8, gather_seconds=0.05
+        )
+        alone = await sampler.sample(SampleRequest(ids, 2, params, policy))
+        results = await asyncio.gather(
+            sampler.sample(SampleRequest(ids, 2, params, policy)),
+            sampler.sample(SampleRequest([10**6], 2, params, policy)),
+            sampler.sample(SampleRequest(ids[:2], 3, params, policy)),
+            return_exceptions=True,
+        )
+        await sampler.close()
+        return alone, results
+
+    alone, (good, bad, other) = asyncio.run(scenario())
+    assert isinstance(bad, IndexError)
+    assert [c.token_ids for c in good] == [c.token_ids for c in alone]  # rerun alone, same seed
+    assert len(other) == 3 and all(len(c.token_ids) == 6 for c in other)
+
+
+def test_a_short_request_finishes_while_a_long_one_decodes_and_draws_what_it_draws_alone(models):
+    from server.engines.contract import SampleRequest, SamplingParams
+    from server.engines.hf.models import load_policy
+    from server.engines.hf.sampler import EXPRESS_TOKENS, TransformersSampler
+
+    policy = load_policy(models["gpt2_policy"], "cpu", "float32")
+    ids = policy.tokenizer("the cat runs").input_ids
+    # A long request leaves the batch when its 200 tokens are done: eos must not end it early.
+    long = SampleRequest(ids, 8, SamplingParams(max_tokens=200, seed=3), policy)
+    short = SampleRequest(ids[:2], 2, SamplingParams(max_tokens=EXPRESS_TOKENS, seed=4), policy)
+
+    async def scenario():
+        sampler = TransformersSampler("cpu", "float32", max_batch_tokens=4000, max_queued=8)
+        alone = await sampler.sample(replace(short))
+        running = asyncio.ensure_future(sampler.sample(long))
+        await asyncio.sleep(0.1)  # the long request is decoding
+        late = await sampler.sample(replace(short))
+        long_done_first = running.done()
+        await running
+        await sampler.close()
+        return alone, late, long_done_first
+
+    alone, late, long_done_first = asyncio.run(scenario())
+    assert not long_done_first
+    assert [c.token_ids for c in late] == [c.token_ids for c in alone]
 
 
 def test_a_job_that_breaks_its_batch_fails_alone():
