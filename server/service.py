@@ -353,8 +353,10 @@ class BestOfN:
         )
         for i, [rest] in zip(going, rests, strict=True):
             candidates[i] = joined(candidates[i], rest, params.stop)
-        for i, reward in zip(going, await self._rewards(prompt, [candidates[i] for i in going]), strict=True):
-            rewards[i] = reward
+        if going:
+            finals = await self._rewards(prompt, [candidates[i] for i in going])
+            for i, reward in zip(going, finals, strict=True):
+                rewards[i] = reward
         pruned = [i in unfinished and i not in going for i in range(best_of)]
         metrics.PRUNED.inc(sum(pruned))
         return candidates, rewards, pruned
