@@ -109,9 +109,10 @@ class DecodeBatch:
 
         for request in requests:
             generator = torch.Generator(device=self.device)
-            generator.manual_seed(
-                request.params.seed
-            ) if request.params.seed is not None else generator.seed()
+            if request.params.seed is not None:
+                generator.manual_seed(request.params.seed)
+            else:
+                generator.seed()
             running = _Running(request, generator, [_Row() for _ in range(request.n)], request.n)
             self.running.append(running)
             self.slots += [(running, i) for i in range(request.n)]
