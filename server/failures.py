@@ -45,6 +45,11 @@ class LogBehind(Failure):
     request fails rather than being acknowledged with candidates that might not be kept."""
 
 
+class NonFiniteReward(Failure):
+    """The reward model returned NaN or an infinity: the request fails rather than being ranked
+    (or logged) on a value that means nothing."""
+
+
 class CheckpointError(Failure, ValueError):
     """A model directory that cannot be served as asked; the message says what to change."""
 

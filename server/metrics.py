@@ -58,7 +58,14 @@ RM_TRUNCATED = Counter(
 )
 LOG_QUEUE = Gauge("bon_sample_log_queue_records", "Candidate records waiting to be written.")
 LOG_WRITTEN = Counter("bon_sample_log_records_written", "Candidate records committed.")
-LOG_ERRORS = Counter("bon_sample_log_write_errors", "Failed candidate-log writes.")
+LOG_ERRORS = Counter("bon_sample_log_write_errors", "Candidate-log commits that failed (each is retried).")
+LOG_HEALTHY = Gauge(
+    "bon_sample_log_healthy", "1 while the candidate log commits; 0 while its commits fail (503 log_behind)."
+)
+LOG_LOST = Counter(
+    "bon_sample_log_records_lost",
+    "Candidate records never written: refused for their content, or still failing at shutdown.",
+)
 MODEL_INFO = Gauge("bon_model_info", "The loaded model of each role (value 1).", ["role", "path", "version"])
 RELOADS = Counter(
     "bon_model_reloads", "Checkpoint reloads by outcome (loaded or refused).", ["role", "outcome"]

@@ -79,3 +79,8 @@ def read_policy(path: str | Path) -> PolicyInfo:
         dtype=checkpoint_dtype(config),
         max_prompt_chars=max_text_chars(tokenizer, context),
     )
+
+
+def probe_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """The prompt every engine test-runs a freshly loaded policy on ("Hello", or BOS alone)."""
+    return tokenizer("Hello").input_ids or [tokenizer.bos_token_id or 0]

@@ -14,6 +14,7 @@ input instead (400), since there the caller chose the text.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +29,7 @@ from server.checkpoints import (
     model_version,
     weight_names,
 )
-from server.failures import CheckpointError, InvalidInput
+from server.failures import CheckpointError, InvalidInput, NonFiniteReward
 
 log = logging.getLogger(__name__)
 
@@ -140,3 +141,19 @@ def read_reward_model(path: str | Path) -> RewardModelInfo:
         dtype=checkpoint_dtype(config),
         max_chars=max_text_chars(tokenizer, context),
     )
+
+
+def check_finite(rewards: list[float], reward_model: Path) -> list[float]:
+    """`rewards` as they are, or NonFiniteReward naming the model and how many inputs it failed."""
+    bad = [r for r in rewards if not math.isfinite(r)]
+    if bad:
+        raise NonFiniteReward(
+            f"the reward model {reward_model} gave {len(bad)} of {len(rewards)} inputs a non-finite "
+            f"reward ({bad[0]}); nothing was ranked or logged on it"
+        )
+    return rewards
+
+
+def probe_input(reward_model: RewardModelInfo) -> list[int]:
+    """The input every engine test-runs a freshly loaded reward model on."""
+    return reward_model.encode("Hello", None, " world")

@@ -38,7 +38,7 @@ from server.prompts import (
     text_prompt,
 )
 from server.rejection import EarlyRejection, continuation, joined
-from server.reward import Messages, RewardInput, RewardModelInfo
+from server.reward import Messages, RewardInput, RewardModelInfo, check_finite
 from server.selection import rank_by_reward, rank_with_pruned_last, ranks_of
 
 Info = TypeVar("Info", PolicyInfo, RewardModelInfo)
@@ -258,8 +258,9 @@ class BestOfN:
         return reward_input(self.reward_model, prompt, completion)
 
     async def score(self, inputs: list[list[int]]) -> list[float]:
-        """Rewards of RM inputs with this view's reward model."""
-        return await self.scorer.score(inputs, self.loaded_reward_model.weights)
+        """Rewards of RM inputs with this view's reward model; NonFiniteReward for NaN or inf."""
+        rewards = await self.scorer.score(inputs, self.loaded_reward_model.weights)
+        return check_finite(rewards, self.reward_model.path)
 
     async def score_inputs(self, pairs: list[tuple[str | Messages, str]], field: str) -> list[list[int]]:
         """RM inputs for `/v1/score`: (prompt text or messages, response) pairs, checked against the

@@ -21,7 +21,7 @@ from server.api.responses import Health, Ready
 from server.api.routes import admin, router
 from server.assembly import start_service
 from server.engines.contract import RewardScorer, Sampler, SamplingParams
-from server.failures import EngineDead, NotReady
+from server.failures import EngineDead, LogBehind, NotReady
 from server.policy import PolicyInfo
 from server.reload import Reloader
 from server.reward import RewardModelInfo
@@ -138,14 +138,17 @@ def build_app(
 
     @app.get("/ready", response_model=Ready, responses=errors_of(503))
     async def ready():
-        """Both models are loaded, one warm-up forward has run, and both engines can serve."""
+        """Both models are loaded, one warm-up forward has run, both engines can serve, and the
+        candidate log commits."""
         if not app.state.ready:
             return failure_response(NotReady("warming up"))
         service: BestOfN = app.state.service
         try:
             await service.check()
-        except EngineDead as dead:
-            return failure_response(dead)
+            if service.sample_log is not None:
+                service.sample_log.check()
+        except (EngineDead, LogBehind) as failure:
+            return failure_response(failure)
         # Public, so it names no paths: /v1/models (with a key) says what is loaded.
         return Ready(status="ready")
 

@@ -44,6 +44,7 @@ FAILURES: dict[type[failures.Failure], tuple[int, str, bool]] = {
     failures.EngineStopped: (503, "shutting_down", False),
     failures.EngineDead: (503, "engine_dead", False),
     failures.LogBehind: (503, "log_behind", True),
+    failures.NonFiniteReward: (500, "non_finite_reward", False),
 }
 
 

@@ -35,7 +35,7 @@ from server.batch.tables import BadInput, Row, count_rows, read_rows, table_form
 from server.engines.hf.scorer import token_budget_chunks
 from server.policy import read_policy
 from server.prompts import scoring_chars, scoring_input, unicode_text
-from server.reward import RewardModelInfo, read_reward_model
+from server.reward import RewardModelInfo, check_finite, read_reward_model
 from server.threads import apply_torch_threads
 
 log = logging.getLogger(__name__)
@@ -136,7 +136,7 @@ class ScoreJob:
             range(len(scored.inputs)), key=lambda i: (longest[scored.owners[i][0]], scored.owners[i][0])
         )
         by_length = [scored.inputs[i] for i in order]
-        rewards = await self.scorer.score(by_length, self.weights)
+        rewards = check_finite(await self.scorer.score(by_length, self.weights), self.rm.path)
         self.tokens += sum(len(ids) for ids in by_length)
         self.padded_tokens += sum(
             len(chunk) * max(map(len, chunk)) for chunk in token_budget_chunks(by_length, batch_tokens)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import subprocess
 import sys
@@ -51,8 +52,8 @@ from vllm.v1.engine.exceptions import EngineDeadError
 from server import metrics
 from server.engines.contract import Candidate, SampleRequest, SamplingParams
 from server.failures import CheckpointError, EngineDead, EngineStopped, Overloaded
-from server.policy import PolicyInfo
-from server.reward import RewardModelInfo
+from server.policy import PolicyInfo, probe_ids
+from server.reward import RewardModelInfo, check_finite, probe_input
 
 log = logging.getLogger(__name__)
 
@@ -235,13 +236,26 @@ class VLLMSampler(_Engines):
     role = "sampling"
 
     async def load(self, policy: PolicyInfo) -> AsyncLLM:
-        ids = policy.tokenizer("Hello").input_ids or [policy.tokenizer.bos_token_id or 0]
+        ids = probe_ids(policy.tokenizer)
         return await self._start(
             policy.path,
             policy.dtype,
             policy.context_length,
-            lambda engine: self._generate(engine, ids, 1, SamplingParams(max_tokens=1)),
+            lambda engine: self._probe(engine, ids, policy.path),
         )
+
+    @staticmethod
+    async def _probe(engine: AsyncLLM, prompt_ids: list[int], path: Path) -> None:
+        """One greedy token, with its log-probability: NaN or inf weights show there."""
+        params = VLLMSamplingParams(
+            max_tokens=1, temperature=0, logprobs=0, output_kind=RequestOutputKind.FINAL_ONLY
+        )
+        final = None
+        async for output in engine.generate(tokens_input(prompt_ids), params, request_id=uuid.uuid4().hex):
+            final = output
+        logprobs = [p.logprob for step in final.outputs[0].logprobs or [] for p in step.values()]
+        if not logprobs or not all(math.isfinite(p) for p in logprobs):
+            raise CheckpointError(f"{path}: the policy's logits are not finite (NaN or inf weights?)")
 
     @staticmethod
     async def _generate(engine: AsyncLLM, prompt_ids: list[int], n: int, params: SamplingParams):
@@ -269,13 +283,17 @@ class VLLMScorer(_Engines):
     role = "scoring"
 
     async def load(self, reward_model: RewardModelInfo) -> AsyncLLM:
-        ids = reward_model.encode("Hello", None, " world")
+        ids = probe_input(reward_model)
         return await self._start(
             reward_model.path,
             reward_model.dtype,
             reward_model.max_length,
-            lambda engine: self._score_one(engine, ids),
+            lambda engine: self._probe(engine, ids, reward_model.path),
         )
+
+    @classmethod
+    async def _probe(cls, engine: AsyncLLM, ids: list[int], path: Path) -> None:
+        check_finite([await cls._score_one(engine, ids)], path)
 
     @staticmethod
     async def _score_one(engine: AsyncLLM, ids: list[int]) -> float:

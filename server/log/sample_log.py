@@ -299,17 +299,34 @@ class SampleLog:
 
     Queue items: a RequestRecord (committed whole, never split), a FeedbackRecord, a
     threading.Event (a flush barrier, set once everything before it is committed), or None (stop).
+
+    A commit that fails for the database's sake (a full disk, an I/O error) is never forgotten:
+    its records stay pending and are retried, and while the log cannot commit, `failing` says why
+    and servers stop acknowledging (`append_when_room` raises LogBehind, /ready answers 503). A
+    record the database refuses for its own content is written alone, so it cannot take its
+    neighbours down, and dropped with an error if it fails alone.
     """
 
-    def __init__(self, path: Path, flush_interval: float = 0.5, max_pending_bytes: int = 64 * 2**20):
+    def __init__(
+        self,
+        path: Path,
+        flush_interval: float = 0.5,
+        max_pending_bytes: int = 64 * 2**20,
+        retry_seconds: float = 0.5,
+        close_seconds: float = 5.0,
+    ):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._commit_every = flush_interval / 2  # the other half is the commit's own time
         self._max_pending_bytes = max_pending_bytes
+        self._retry_seconds = retry_seconds  # between tries of a commit that failed
+        self._close_seconds = close_seconds  # how long `close` keeps retrying before it gives up
         self._pending_bytes = 0  # queued and not yet committed
         self._pending_lock = threading.Lock()
+        self.failing: str | None = None  # why the last commit failed; None once one succeeds
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._connection = connect(self.path)
+        metrics.LOG_HEALTHY.set(1)
         self._thread = threading.Thread(target=self._write_loop, name="bon-sample-log", daemon=True)
         self._thread.start()
 
@@ -320,10 +337,20 @@ class SampleLog:
         self._queue.put(request)
         metrics.LOG_QUEUE.inc(len(request.completions))
 
+    def check(self) -> None:
+        """LogBehind while the log cannot commit (a full disk): nothing more may be acknowledged."""
+        if self.failing is not None:
+            raise LogBehind(
+                f"the candidate log cannot commit ({self.failing}); it keeps what it holds and "
+                "retries, and takes no new requests until a commit succeeds"
+            )
+
     async def append_when_room(self, request: RequestRecord, wait_seconds: float) -> None:
         """Queue a request's candidates once the queue has room for them; LogBehind if it has none
-        within `wait_seconds` (the request then fails rather than being acknowledged unlogged)."""
+        within `wait_seconds`, or the log cannot commit at all (the request then fails rather than
+        being acknowledged unlogged)."""
         deadline = time.monotonic() + wait_seconds
+        self.check()
         while self._pending_bytes and self._pending_bytes + request.size > self._max_pending_bytes:
             if time.monotonic() > deadline:
                 raise LogBehind(
@@ -331,9 +358,11 @@ class SampleLog:
                     f"request's {request.size} in time; retry shortly"
                 )
             await asyncio.sleep(0.01)
+            self.check()
         self.append(request)
 
     def append_feedback(self, feedback: FeedbackRecord) -> None:
+        self.check()
         self._queue.put(feedback)
 
     def flush(self) -> None:
@@ -344,6 +373,7 @@ class SampleLog:
 
     def candidate_counts(self, request_id: str) -> dict[int, int]:
         """{prompt_index: number of candidates} of a logged request (after a flush)."""
+        self.check()  # a flush would wait for the disk to come back
         self.flush()
         connection = sqlite3.connect(self.path)
         try:
@@ -356,7 +386,8 @@ class SampleLog:
         return dict(rows)
 
     def close(self) -> None:
-        """Write everything queued, then stop the writer."""
+        """Write everything queued, then stop the writer (retrying a failing commit for at most
+        `close_seconds`)."""
         self._queue.put(None)
         self._thread.join()
         self._connection.close()
@@ -366,12 +397,15 @@ class SampleLog:
         pending_bytes = 0
         barriers: list[threading.Event] = []
         deadline = time.monotonic() + self._commit_every
-        stopping = False
-        while not stopping:
+        retry_at = 0.0  # after a failed commit, the next try waits until then
+        stop_by: float | None = None  # set on close: the last moment to keep retrying
+        while stop_by is None or pending:
+            now = time.monotonic()
+            wait = max(deadline, retry_at) if pending else deadline
             try:
-                item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+                item = self._queue.get(timeout=max(0.0, wait - now) if stop_by is None else 0.05)
                 if item is None:
-                    stopping = True
+                    stop_by = time.monotonic() + self._close_seconds
                 elif isinstance(item, threading.Event):
                     barriers.append(item)
                 else:
@@ -379,34 +413,80 @@ class SampleLog:
                     pending_bytes += item.size if isinstance(item, RequestRecord) else 0
             except queue.Empty:
                 pass
+            now = time.monotonic()
             # Big payloads commit early: a commit never has more than a few MB to write.
-            due = stopping or barriers or time.monotonic() >= deadline or pending_bytes >= 4 * 2**20
-            if pending and due:
-                self._commit(pending)
-                pending, pending_bytes = [], 0
-            for barrier in barriers:
-                barrier.set()
-            barriers = []
-            if time.monotonic() >= deadline:
+            due = stop_by is not None or barriers or now >= deadline or pending_bytes >= 4 * 2**20
+            if pending and due and now >= retry_at:
+                pending = self._commit(pending)
+                pending_bytes = sum(i.size for i in pending if isinstance(i, RequestRecord))
+                retry_at = time.monotonic() + self._retry_seconds if pending else 0.0
+            if stop_by is not None and pending and time.monotonic() > stop_by:
+                self._lose(pending, f"still failing when the server stopped ({self.failing})")
+                pending = []
+            if not pending:  # a barrier means "everything before me is committed"
+                for barrier in barriers:
+                    barrier.set()
+                barriers = []
+            if now >= deadline:
                 deadline = time.monotonic() + self._commit_every
+        for barrier in barriers:
+            barrier.set()
 
-    def _commit(self, items: list) -> None:
+    def _write(self, items: list) -> None:
+        """Write `items` in one transaction: all of them or none."""
         requests = [i for i in items if isinstance(i, RequestRecord)]
         feedback = [i for i in items if isinstance(i, FeedbackRecord)]
-        candidates = sum(len(r.completions) for r in requests)
+        with self._connection:
+            for request in requests:
+                request.write(self._connection)
+            self._connection.executemany(
+                "INSERT INTO feedback (request_id, prompt_index, ranks, created) VALUES (?, ?, ?, ?)",
+                [(f.request_id, f.prompt_index, json.dumps(f.ranks), f.created) for f in feedback],
+            )
+
+    def _commit(self, items: list) -> list:
+        """Commit `items`; return those still to write (all of them when the database failed)."""
         try:
-            with self._connection:  # one transaction: all of these or none
-                for request in requests:
-                    request.write(self._connection)
-                self._connection.executemany(
-                    "INSERT INTO feedback (request_id, prompt_index, ranks, created) VALUES (?, ?, ?, ?)",
-                    [(f.request_id, f.prompt_index, json.dumps(f.ranks), f.created) for f in feedback],
-                )
-            metrics.LOG_WRITTEN.inc(candidates)
-        except sqlite3.Error:
-            log.exception("candidate log write failed; %d candidates lost", candidates)
+            self._write(items)
+        except (sqlite3.IntegrityError, sqlite3.InterfaceError, ValueError, TypeError, OverflowError):
+            # The content of some record, not the database: each goes alone, so one bad record
+            # costs only itself.
+            if len(items) == 1:
+                self._lose(items, "the database refused its content")
+                return []
+            return [kept for item in items for kept in self._commit([item])]
+        except sqlite3.Error as error:
+            if self.failing is None:
+                log.error(
+                    "candidate log commit failed (%s); keeping %d records in memory and retrying every "
+                    "%.1f s; new requests get 503 log_behind until a commit succeeds",
+                    error, len(items), self._retry_seconds,
+                )  # fmt: skip
+            self.failing = str(error)
             metrics.LOG_ERRORS.inc()
-        finally:
-            metrics.LOG_QUEUE.dec(candidates)
-            with self._pending_lock:
-                self._pending_bytes -= sum(r.size for r in requests)
+            metrics.LOG_HEALTHY.set(0)
+            return items
+        if self.failing is not None:
+            log.warning("candidate log commits again (it failed with: %s); nothing was lost", self.failing)
+            self.failing = None
+            metrics.LOG_HEALTHY.set(1)
+        self._done(items, written=True)
+        return []
+
+    def _lose(self, items: list, why: str) -> None:
+        candidates = sum(len(i.completions) for i in items if isinstance(i, RequestRecord))
+        log.error(
+            "candidate log: %d records (%d candidates) could not be written and are lost: %s",
+            len(items), candidates, why,
+        )  # fmt: skip
+        metrics.LOG_LOST.inc(candidates)
+        self._done(items, written=False)
+
+    def _done(self, items: list, written: bool) -> None:
+        requests = [i for i in items if isinstance(i, RequestRecord)]
+        candidates = sum(len(r.completions) for r in requests)
+        if written:
+            metrics.LOG_WRITTEN.inc(candidates)
+        metrics.LOG_QUEUE.dec(candidates)
+        with self._pending_lock:
+            self._pending_bytes -= sum(r.size for r in requests)

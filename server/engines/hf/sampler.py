@@ -28,12 +28,14 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+import torch
+
 from server import metrics
 from server.engines.contract import Candidate, SampleRequest, SamplingParams, sampling_cost
 from server.engines.hf.decoding import DecodeBatch, generate
 from server.engines.hf.models import HFPolicy, load_policy_weights
-from server.failures import EngineStopped, Overloaded
-from server.policy import PolicyInfo
+from server.failures import CheckpointError, EngineStopped, Overloaded
+from server.policy import PolicyInfo, probe_ids
 
 log = logging.getLogger(__name__)
 STAGE = "sampling"
@@ -71,7 +73,11 @@ class TransformersSampler:
 
     def _load(self, info: PolicyInfo) -> HFPolicy:
         policy = load_policy_weights(info, self.device, self.dtype)
-        ids = info.tokenizer("Hello").input_ids or [info.tokenizer.bos_token_id or 0]
+        ids = probe_ids(info.tokenizer)
+        with torch.inference_mode():
+            logits = policy.model(torch.tensor([ids], device=policy.model.device)).logits  # (1, T, V)
+        if not torch.isfinite(logits).all():
+            raise CheckpointError(f"{info.path}: the policy's logits are not finite (NaN or inf weights?)")
         generate(policy, [SampleRequest(ids, 1, SamplingParams(max_tokens=1), policy)])
         return policy
 

@@ -8,7 +8,8 @@ from itertools import accumulate, pairwise
 
 from server.engines.hf.batching import TokenBudgetBatcher, group_by_identity
 from server.engines.hf.models import HFRewardModel, load_reward_weights
-from server.reward import RewardModelInfo
+from server.failures import CheckpointError, NonFiniteReward
+from server.reward import RewardModelInfo, check_finite, probe_input
 
 
 @dataclass
@@ -42,7 +43,10 @@ class TransformersScorer:
 
     def _load(self, info: RewardModelInfo) -> HFRewardModel:
         reward_model = load_reward_weights(info, self.device, self.dtype)
-        reward_model.score([info.encode("Hello", None, " world")])
+        try:
+            check_finite(reward_model.score([probe_input(info)]), info.path)
+        except NonFiniteReward as error:
+            raise CheckpointError(error.message) from None
         return reward_model
 
     async def load(self, reward_model: RewardModelInfo) -> HFRewardModel:
