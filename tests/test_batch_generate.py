@@ -125,3 +125,34 @@ def test_a_prompt_the_policy_cannot_take_is_named_or_skipped(pair_qwen2_gpt2, mo
     assert skipped.returncode == 0, skipped.stderr[-3000:]
     assert json.loads(skipped.stdout)["skipped_bad_rows"] == 1
     assert len(by_request(log)) == 2
+
+
+def test_readme_raft_example_trains_the_weights_it_publishes(tmp_path):
+    """README's offline RAFT example as written: six prompts, every default. It used to publish the
+    parent's weights bit for bit (its one update ran at a warm-up learning rate of 0)."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    from trainers.engine import learning_rate_factor
+
+    models = Path(__file__).resolve().parent.parent / "default-models"
+    prompts = ["largest digit in 5937:", "last letter of kgho:", "largest digit in 40213:",
+               "last letter of mnbpaj:", "largest digit in 867:", "last letter of pod:"]  # fmt: skip
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+    log = tmp_path / "generated.db"
+    generated = bon("generate", "--policy", models / "policy", "--reward-model", models / "reward_model",
+                    "--prompts", tmp_path / "prompts.jsonl", "--best-of", 8, "--max-tokens", 4,
+                    "--temperature", 1.5, "--sample-log", log)  # fmt: skip
+    assert generated.returncode == 0, generated.stderr[-3000:]
+    output = tmp_path / "raft-offline"
+    raft = bon("train", "raft", "--policy", models / "policy", "--sample-log", log, "--output", output)
+    assert raft.returncode == 0, raft.stderr[-3000:]
+    parent, trained = load_file(models / "policy" / "model.safetensors"), load_file(output / "model.safetensors")
+    assert any(not (parent[name] == trained[name]).all() for name in parent), "RAFT published its parent"
+    history = json.loads((output / "training_history.json").read_text())
+    total = len(history)
+    assert [row["lr"] for row in history] == pytest.approx(
+        [1e-5 * learning_rate_factor(u, total, 0.03) for u in range(total)]
+    )
+    assert all(row["lr"] > 0 for row in history)

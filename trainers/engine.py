@@ -22,7 +22,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm import tqdm
-from transformers import PreTrainedModel, get_scheduler
+from transformers import PreTrainedModel
 
 from server.threads import apply_torch_threads
 from trainers.data import RecipeError
@@ -48,7 +48,7 @@ class TrainArgs:
 # The --help line of each TrainArgs field.
 TRAIN_HELP = {
     "epochs": "passes over the data",
-    "learning_rate": "peak learning rate (linear warm-up, then linear decay)",
+    "learning_rate": "peak learning rate (linear warm-up, then linear decay; every update's is > 0)",
     "batch_size": "examples per step and process, before accumulation",
     "max_length": "tokens per example; longer ones are cut",
     "seed": "seeds data order, initialisation and sampling",
@@ -123,10 +123,14 @@ def fit(
     `loss_fn(model, batch)` returns the loss and extra numbers to log. `evaluate()`, if given,
     runs after each epoch and its numbers join that step's row.
     """
+    if not args.learning_rate > 0:
+        raise RecipeError(f"--learning-rate is {args.learning_rate}: training would change nothing")
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=args.learning_rate, weight_decay=args.weight_decay)
     total = max(1, math.ceil(steps_per_epoch / args.gradient_accumulation_steps) * args.epochs)
-    schedule = get_scheduler("cosine", optimizer, math.ceil(args.warmup_ratio * total), total)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda update: learning_rate_factor(update, total, args.warmup_ratio)
+    )
     optimizer, schedule = accelerator.prepare(optimizer, schedule)
 
     history: list[dict[str, float]] = []
@@ -140,13 +144,14 @@ def fit(
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(trainable, args.max_grad_norm)
+                used = optimizer.param_groups[0]["lr"]  # the rate this update takes, before the step
                 optimizer.step()
                 schedule.step()
                 optimizer.zero_grad()
             if accelerator.sync_gradients:
                 step += 1
                 # The mean over processes, so every rank logs the same numbers.
-                row = {"step": step, "epoch": epoch + 1, "lr": schedule.get_last_lr()[0]}
+                row = {"step": step, "epoch": epoch + 1, "lr": used}
                 row["loss"] = accelerator.reduce(loss.detach(), reduction="mean").item()
                 row.update(extra)
                 history.append(row)
@@ -158,6 +163,16 @@ def fit(
             model.train()
     bar.close()
     return history
+
+
+def learning_rate_factor(update: int, total: int, warmup_ratio: float) -> float:
+    """The share of the peak learning rate that update `update` (0-based, of `total`) takes: a
+    linear warm-up over ceil(warmup_ratio x total) updates, then a linear decay. No update takes
+    0 (transformers' schedules give the first warm-up update 0 and, with one update in all, that
+    run trained nothing): warm-up climbs from 1/(warmup + 1) of the peak, and the decay ends one
+    step above 0."""
+    warmup = min(math.ceil(warmup_ratio * total), total - 1)
+    return min((update + 1) / (warmup + 1), (total - update) / (total - warmup))
 
 
 def check_new_output(output: Path) -> None:

@@ -138,6 +138,17 @@ def report(all_samples: list[Sample], kept: list[Sample], rule: Selection, sourc
             )  # fmt: skip
 
 
+def readable_window(since: float, until: float) -> str:
+    """(since, until] in local time, to the second: "(start of the log, 2026-12-06 05:20:39]"."""
+
+    def moment(seconds: float) -> str:
+        if seconds <= 0:
+            return "start of the log"
+        return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(seconds))
+
+    return f"({moment(since)}, {moment(until)}]"
+
+
 def parent_window_end(policy: Path) -> float:
     """Where the previous RAFT run's window ended, so periodic runs need no bookkeeping."""
     manifest = policy / MANIFEST
@@ -226,7 +237,7 @@ def raft_from_log(
         raise RecipeError(
             f"nothing to train on: {len(all_samples)} logged candidates in the window after {since}"
         )
-    report(all_samples, kept, rule, f"the log's window ({since}, {until}]")
+    report(all_samples, kept, rule, f"the log's window {readable_window(since, until)}")
     manifest = _manifest(
         policy,
         args,
