@@ -148,7 +148,10 @@ def test_readme_raft_example_trains_the_weights_it_publishes(tmp_path):
     output = tmp_path / "raft-offline"
     raft = bon("train", "raft", "--policy", models / "policy", "--sample-log", log, "--output", output)
     assert raft.returncode == 0, raft.stderr[-3000:]
-    parent, trained = load_file(models / "policy" / "model.safetensors"), load_file(output / "model.safetensors")
+    parent, trained = (
+        load_file(models / "policy" / "model.safetensors"),
+        load_file(output / "model.safetensors"),
+    )
     assert any(not (parent[name] == trained[name]).all() for name in parent), "RAFT published its parent"
     history = json.loads((output / "training_history.json").read_text())
     total = len(history)
