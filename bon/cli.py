@@ -40,7 +40,8 @@ def _serve(args: argparse.Namespace) -> int:
 
     from server.api.app import build_app
     from server.engines.build import EngineUnavailable, build_sampler, build_scorer
-    from server.failures import CheckpointError
+    from server.failures import CheckpointError, SampleLogUnusable
+    from server.log.sample_log import connect
     from server.policy import read_policy
     from server.reward import read_reward_model
     from server.settings import Settings
@@ -64,7 +65,9 @@ def _serve(args: argparse.Namespace) -> int:
         policy = read_policy(settings.policy)
         reward_model = read_reward_model(settings.reward_model)
         sampler, scorer = build_sampler(settings), build_scorer(settings)
-    except (CheckpointError, EngineUnavailable) as error:
+        if not settings.no_sample_log:
+            connect(settings.sample_log).close()
+    except (CheckpointError, EngineUnavailable, SampleLogUnusable) as error:
         print(f"bon serve: {error}", file=sys.stderr)
         return 2
     if not settings.loopback and not settings.api_key:
@@ -98,11 +101,12 @@ def _drop_query_strings(record: logging.LogRecord) -> bool:
 
 
 def _export(args: argparse.Namespace) -> int:
+    from server.failures import Failure
     from server.log.export import export_samples
 
     try:
         count = export_samples(args.sample_log, args.output, args.format, args.min_margin)
-    except (FileNotFoundError, ValueError) as error:
+    except (FileNotFoundError, ValueError, Failure) as error:
         print(f"bon export-samples: {error}", file=sys.stderr)
         return 2
     print(f"wrote {count} {args.format} to {args.output}")

@@ -45,6 +45,10 @@ class LogBehind(Failure):
     request fails rather than being acknowledged with candidates that might not be kept."""
 
 
+class SampleLogUnusable(Failure):
+    """The candidate log's path holds something that is not a candidate log (or cannot be opened)."""
+
+
 class NonFiniteReward(Failure):
     """The reward model returned NaN or an infinity: the request fails rather than being ranked
     (or logged) on a value that means nothing."""

@@ -233,6 +233,7 @@ def test_a_journal_line_cut_off_by_a_crash_does_not_hide_the_windows_written_aft
         f.write(b'{"window": {"index": 1, "li')  # the crash
     with first.part.open("ab") as f:
         f.write(b'{"row": 1}\n{"ro')
+    first._lock_handle.close()  # the process died: the kernel let its lock go
     resumed = Journal(out, 0, 1, {"job": 1})
     assert resumed.open(resume=True) == 0
     resumed.append(1, [{"row": 1}], skipped=0)

@@ -45,6 +45,7 @@ FAILURES: dict[type[failures.Failure], tuple[int, str, bool]] = {
     failures.EngineDead: (503, "engine_dead", False),
     failures.LogBehind: (503, "log_behind", True),
     failures.NonFiniteReward: (500, "non_finite_reward", False),
+    failures.SampleLogUnusable: (503, "sample_log_unusable", False),
 }
 
 

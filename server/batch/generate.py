@@ -29,6 +29,7 @@ from server.arguments import job_parser
 from server.batch.tables import BadInput, Row, count_rows, read_rows, table_format, windows
 from server.engines.contract import SamplingParams
 from server.failures import Failure
+from server.log.sample_log import sqlite_file
 from server.policy import read_policy
 from server.reward import read_reward_model
 from server.service import BestOfN
@@ -90,12 +91,13 @@ def logged_prompts(sample_log: Path, prefix: str) -> set[int]:
         return set()
     connection = sqlite3.connect(f"file:{sample_log}?mode=ro", uri=True)
     try:
-        if connection.execute("SELECT 1 FROM sqlite_master WHERE name = 'requests'").fetchone() is None:
-            return set()
-        rows = connection.execute(
-            "SELECT request_id FROM requests WHERE request_id LIKE ?",
-            (prefix + "%",),  # hex: no wildcards
-        ).fetchall()
+        with sqlite_file(sample_log):
+            if connection.execute("SELECT 1 FROM sqlite_master WHERE name = 'requests'").fetchone() is None:
+                return set()
+            rows = connection.execute(
+                "SELECT request_id FROM requests WHERE request_id LIKE ?",
+                (prefix + "%",),  # hex: no wildcards
+            ).fetchall()
     finally:
         connection.close()
     return {int(request_id.rsplit("-", 1)[1]) for (request_id,) in rows}

@@ -27,11 +27,21 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 from tqdm import tqdm
 
 from server.arguments import job_parser
 from server.batch.journal import Journal, job_identity
-from server.batch.tables import BadInput, Row, count_rows, read_rows, table_format, windows
+from server.batch.tables import (
+    BadInput,
+    Row,
+    count_rows,
+    output_schema,
+    read_rows,
+    same_file,
+    table_format,
+    windows,
+)
 from server.engines.hf.scorer import token_budget_chunks
 from server.policy import read_policy
 from server.prompts import scoring_chars, scoring_input, unicode_text
@@ -52,10 +62,12 @@ class Scored:
 
 
 def _responses(record: dict[str, Any], place: str) -> tuple[list[str], bool]:
-    """The row's responses, and whether it gave a single "response"."""
-    if ("response" in record) == ("responses" in record):
+    """The row's responses, and whether it gave a single "response". A null field is an absent one:
+    a Parquet file with both columns has one of them null in each row."""
+    single, several = record.get("response") is not None, record.get("responses") is not None
+    if single == several:
         raise BadInput(f'{place}: give exactly one of "response" (a string) or "responses" (a list)')
-    if "response" in record:
+    if single:
         if not isinstance(record["response"], str):
             raise BadInput(f'{place}: "response" must be a string')
         return [record["response"]], True
@@ -230,6 +242,16 @@ async def run(args) -> dict[str, Any]:
         raise BadInput("--window-rows and --batch-tokens must be at least 1")
     if not args.input.is_file():
         raise BadInput(f"{args.input}: no such file")
+    if same_file(args.input, args.output):
+        raise BadInput(f"-o {args.output} is the input file; write the scores elsewhere")
+    # Decided before any scoring: a field whose type changes between rows fails now.
+    schema = (
+        output_schema(
+            args.input, args.window_rows, {"reward": pa.float64(), "rewards": pa.list_(pa.float64())}
+        )
+        if table_format(args.output) == "parquet"
+        else None
+    )
     rm = read_reward_model(args.reward_model)
     policy_tokenizer = read_policy(args.policy).tokenizer if args.policy else rm.tokenizer
     identity = job_identity(
@@ -239,6 +261,17 @@ async def run(args) -> dict[str, Any]:
     if args.resume and args.output.exists() and not journal.leftovers():
         return {"output": str(args.output), "note": "already complete; nothing to do"}
     last_done = journal.open(args.resume)
+    try:
+        return await _score(args, rm, policy_tokenizer, journal, last_done, schema, rank, world)
+    except BadInput:
+        if journal.started_here:  # a user's mistake before any resumable work: start clean next time
+            journal.remove_leftovers()
+        raise
+    finally:
+        journal.unlock()
+
+
+async def _score(args, rm, policy_tokenizer, journal: Journal, last_done: int, schema, rank: int, world: int):
     scorer, engine = _scorer(args)
     try:
         job = ScoreJob(rm, policy_tokenizer, scorer, await scorer.load(rm), args.skip_bad_rows)
@@ -287,7 +320,9 @@ async def run(args) -> dict[str, Any]:
     rewards = array("d")
     skipped = journal.skipped()  # every process's, this run's and earlier runs'
     written = journal.merge(
-        count, lambda r: rewards.append(r["reward"]) if "reward" in r else rewards.extend(r["rewards"])
+        count,
+        lambda r: rewards.append(r["reward"]) if "reward" in r else rewards.extend(r["rewards"]),
+        schema,
     )
     return {
         "output": str(args.output),

@@ -18,6 +18,7 @@ can commit within the flush interval, whatever the payload.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import queue
@@ -29,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from server import metrics
-from server.failures import LogBehind
+from server.failures import LogBehind, SampleLogUnusable
 
 log = logging.getLogger(__name__)
 
@@ -206,8 +207,22 @@ class FeedbackRecord:
     created: float
 
 
+@contextlib.contextmanager
+def sqlite_file(path: Path):
+    """SQLite's errors on opening `path` as one line naming it (SampleLogUnusable)."""
+    try:
+        yield
+    except sqlite3.DatabaseError as error:
+        raise SampleLogUnusable(f"{path}: not a candidate log bon can use ({error})") from None
+
+
 def connect(path: Path) -> sqlite3.Connection:
     """Open (creating, or migrating from the first layout, if needed) a candidate log in WAL mode."""
+    with sqlite_file(path):
+        return _connect(path)
+
+
+def _connect(path: Path) -> sqlite3.Connection:
     connection = sqlite3.connect(path, check_same_thread=False)
     connection.execute("PRAGMA journal_mode=WAL")
     connection.execute("PRAGMA synchronous=NORMAL")
@@ -226,6 +241,11 @@ def connect(path: Path) -> sqlite3.Connection:
 def _read_only(path: Path) -> sqlite3.Connection:
     if not Path(path).is_file():
         raise FileNotFoundError(f"no candidate log at {path}")
+    with sqlite_file(path):
+        return _open_read_only(path)
+
+
+def _open_read_only(path: Path) -> sqlite3.Connection:
     connection = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     kind = connection.execute("SELECT type FROM sqlite_master WHERE name = 'candidates'").fetchone()
     columns = {row[1] for row in connection.execute("PRAGMA table_info(completions)")}
