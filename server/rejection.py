@@ -51,11 +51,22 @@ def continuation(
     return SampleRequest(prompt_ids + partial.token_ids, 1, rest, weights)
 
 
-def joined(partial: Candidate, rest: Candidate, stops: tuple[str, ...]) -> Candidate:
-    """A survivor whole: its first tokens and their continuation. A stop string that spans the
-    two parts ends it where it starts."""
-    text = partial.text + rest.text
-    finish = rest.finish_reason
+def joined(
+    partial: Candidate, rest: Candidate, stops: tuple[str, ...], tokenizer, eos_ids: frozenset[int]
+) -> Candidate:
+    """A survivor whole: its first tokens and their continuation, decoded as one sequence (the two
+    texts joined would split a character whose bytes span the decision point). A stop string that
+    spans the two parts ends it where it starts, and its tokens end at the token that completed it,
+    as an engine's would, so `usage` counts only what the text holds."""
+    tokens = partial.token_ids + rest.token_ids
+    ended_by_eos = rest.finish_reason == "stop" and bool(rest.token_ids) and rest.token_ids[-1] in eos_ids
+    text = tokenizer.decode(tokens[:-1] if ended_by_eos else tokens, skip_special_tokens=True)
     if stops and (cut := stop_cut(text, stops)) is not None:
-        text, finish = cut, "stop"
-    return Candidate(text=text, token_ids=partial.token_ids + rest.token_ids, finish_reason=finish)
+        # No stop string lies within the partial (it would have ended there), so search after it.
+        end = next(
+            k
+            for k in range(len(partial.token_ids) + 1, len(tokens) + 1)
+            if stop_cut(tokenizer.decode(tokens[:k], skip_special_tokens=True), stops) is not None
+        )
+        return Candidate(text=cut, token_ids=tokens[:end], finish_reason="stop")
+    return Candidate(text=text, token_ids=tokens, finish_reason=rest.finish_reason)

@@ -352,8 +352,15 @@ class BestOfN:
                 for i in going
             )
         )
-        for i, [rest] in zip(going, rests, strict=True):
-            candidates[i] = joined(candidates[i], rest, params.stop)
+        tokenizer, eos_ids = self.policy.tokenizer, self.policy.eos_ids
+        survivors = await self.tokenize(
+            lambda: [
+                joined(candidates[i], rest, params.stop, tokenizer, eos_ids)
+                for i, [rest] in zip(going, rests, strict=True)
+            ]
+        )
+        for i, survivor in zip(going, survivors, strict=True):
+            candidates[i] = survivor
         if going:
             finals = await self._rewards(prompt, [candidates[i] for i in going])
             for i, reward in zip(going, finals, strict=True):

@@ -10,6 +10,7 @@ from conftest import API_KEYS
 from openai import OpenAI
 from reference import completion_reward
 
+from bon.tiny_models import tokenizer_b
 from server.engines.contract import Candidate
 from server.log.sample_log import read_records
 from server.rejection import EarlyRejection, joined
@@ -115,9 +116,40 @@ def test_nothing_is_pruned_when_the_decision_point_is_past_the_end():
     assert not EarlyRejection(after_tokens=4, keep=0.9).prunes(SamplingParams(max_tokens=16), best_of=2)
 
 
-def test_a_stop_string_across_the_decision_point_ends_the_survivor_there():
-    partial = Candidate(" the ca", [1, 2], "length")
-    rest = Candidate("t sat. and", [3, 4, 5], "length")
-    whole = joined(partial, rest, stops=("cat sat",))
-    assert (whole.text, whole.finish_reason, whole.token_ids) == (" the ", "stop", [1, 2, 3, 4, 5])
-    assert joined(partial, rest, stops=()).text == " the cat sat. and"
+def split_candidate(tokenizer, text: str, at: int) -> tuple[Candidate, Candidate]:
+    """`text`'s tokens cut after `at`: the partial candidate and its continuation, each with the
+    text an engine would give it alone."""
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    first, second = ids[:at], ids[at:]
+    return (
+        Candidate(tokenizer.decode(first), first, "length"),
+        Candidate(tokenizer.decode(second), second, "length"),
+    )
+
+
+def test_a_survivor_is_decoded_whole_so_a_character_split_at_the_decision_point_survives():
+    tokenizer = tokenizer_b()
+    ids = tokenizer(" café ok", add_special_tokens=False).input_ids
+    # byte-level BPE: é is two byte tokens; cut between them
+    at = next(k for k in range(1, len(ids)) if "\ufffd" in tokenizer.decode(ids[:k]))
+    partial, rest = split_candidate(tokenizer, " café ok", at)
+    assert "\ufffd" in partial.text + rest.text  # what joining the two texts gave
+    whole = joined(partial, rest, (), tokenizer, frozenset())
+    assert (whole.text, whole.token_ids) == (" café ok", ids)
+
+
+def test_a_stop_string_across_the_decision_point_ends_the_survivor_and_its_tokens_there():
+    tokenizer = tokenizer_b()
+    text = " the cat sat. and more words"
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    at = next(k for k in range(1, len(ids)) if tokenizer.decode(ids[:k]).endswith(" ca"))
+    partial, rest = split_candidate(tokenizer, text, at)
+    whole = joined(partial, rest, ("cat sat",), tokenizer, frozenset())
+    # The tokens end at the one that completed the stop string: usage counts nothing after it.
+    end = next(k for k in range(1, len(ids) + 1) if "cat sat" in tokenizer.decode(ids[:k]))
+    assert (whole.text, whole.finish_reason, whole.token_ids) == (" the ", "stop", ids[:end])
+    assert end < len(ids)
+    assert joined(partial, rest, (), tokenizer, frozenset()).text == text
+    eos = tokenizer.eos_token_id
+    ended = Candidate(rest.text, [*rest.token_ids, eos], "stop")
+    assert joined(partial, ended, (), tokenizer, frozenset({eos})).token_ids == [*ids, eos]
