@@ -111,6 +111,31 @@ def test_neutral_values_of_unsupported_parameters_and_unknown_harmless_ones_pass
     assert response.status_code == 200, response.text
 
 
+@pytest.mark.parametrize(
+    ("route", "body", "field", "hint"),
+    [("/v1/completions", {"model": "gpt2_policy", "prompt": "a", "bestof": 4}, "bestof", "'best_of'"),
+     ("/v1/chat/completions", {"model": "gpt2_policy", "messages": [{"role": "user", "content": "a"}],
+      "return_candidate": True}, "return_candidate", "'return_candidates'"),
+     ("/v1/score", {"prompt": "a", "responses": ["b"], "respones": ["c"]}, "respones", "'responses'"),
+     ("/v1/completions", {"model": "gpt2_policy", "prompt": "a", "x" * 5000: 1}, "x" * 64 + "...", "")],
+)  # fmt: skip
+def test_a_misspelt_or_unknown_field_is_refused_by_name(server, route, body, field, hint):
+    response = post(server, route, body)
+    refused(response, 400, field, "unknown field")
+    assert hint in response.json()["error"]["message"] and len(response.text) < 1000
+
+
+def test_harmless_openai_fields_pass(server):
+    extra = {"user": "u", "metadata": {"a": "b"}, "store": False, "service_tier": "auto"}
+    messages = [{"role": "user", "content": "hi"}]
+    for route, body in (
+        ("/v1/completions", {"prompt": "a"}),
+        ("/v1/chat/completions", {"messages": messages}),
+    ):
+        response = post(server, route, {"model": "gpt2_policy", "max_tokens": 2, **body, **extra})
+        assert response.status_code == 200, response.text
+
+
 def test_a_token_id_prompt_names_the_prompt_field(server):
     refused(complete(server, prompt=[1, 2, 3], max_tokens=2), 400, "prompt", "token-id prompts")
 

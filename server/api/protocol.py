@@ -6,6 +6,7 @@ Extensions: `best_of` on chat, `top_k`, `return_candidates`, `log`, `early_rejec
 
 from __future__ import annotations
 
+import difflib
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -49,18 +50,34 @@ UNSUPPORTED: dict[str, tuple[Any, ...]] = {
     "modalities": (None, ["text"]),
 }
 
+# OpenAI parameters that change nothing bon returns (bookkeeping, or transport options): accepted
+# whatever their value.
+HARMLESS = frozenset(
+    {"user", "metadata", "store", "service_tier", "stream_options", "parallel_tool_calls",
+     "prompt_cache_key", "safety_identifier"}
+)  # fmt: skip
+
 
 class _Request(BaseModel):
-    # Fields outside the schema are kept (in model_extra) so that the OpenAI parameters bon does
-    # not implement can be refused by name; harmless ones (user, metadata...) pass.
+    # Fields outside the schema are kept (in model_extra) so that each can be refused by name: an
+    # OpenAI parameter bon does not implement, or a misspelt one ("bestof": 4 used to pass,
+    # ignored). Only the harmless OpenAI parameters pass.
     model_config = ConfigDict(extra="allow")
 
     def refuse_unsupported(self) -> None:
-        """Raise InvalidInput naming the first OpenAI parameter set to something bon cannot do."""
-        for name, neutral in UNSUPPORTED.items():
-            value = (self.model_extra or {}).get(name)
-            if value not in neutral:
+        """Raise InvalidInput naming the first field bon would otherwise ignore."""
+        for name, value in (self.model_extra or {}).items():
+            if name in HARMLESS or value in UNSUPPORTED.get(name, ()):
+                continue
+            if name in UNSUPPORTED:
                 raise InvalidInput(f"{name} is not supported by this server (got {value!r})", name)
+            known = [*type(self).model_fields, *HARMLESS]
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            shown = name if len(name) <= 64 else name[:64] + "..."
+            raise InvalidInput(
+                f"unknown field {shown!r}{hint} (bon refuses fields rather than ignore them)", shown
+            )
 
 
 class ChatMessage(BaseModel):

@@ -157,6 +157,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, servic
 @router.post("/score")
 async def score(body: ScoreRequest, request: Request, service: Service) -> ScoreResponse:
     """Rewards of given responses (one prompt, many responses; or unrelated pairs), in input order."""
+    body.refuse_unsupported()
     _check_model(request, service, body.model)
     pairs = [
         (p.prompt if isinstance(p.prompt, str) else [m.plain() for m in p.prompt], p.response)
