@@ -174,7 +174,8 @@ def test_a_prompt_too_long_in_characters_is_refused_without_tokenizing(server):
 def test_a_body_over_the_limit_is_a_413_before_it_is_read(server):
     body = {"model": "gpt2_policy", "prompt": "x" * (9 * 2**20)}
     response = post(server, "/v1/completions", body)
-    refused(response, 413, None, "--max-body-bytes")
+    error = refused(response, 413, None, "--max-body-bytes")
+    assert error["type"] == "invalid_request_error"
 
 
 def rss(server) -> int:

@@ -49,7 +49,9 @@ def complete(server, **extra) -> dict:
 
 
 def feedback(server, body) -> httpx.Response:
-    return httpx.post(f"{server.url}/v1/feedback", json=body, headers=USER, timeout=30)
+    # json.dumps writes NaN and Infinity as Python reads them: what a careless client sends.
+    headers = {**USER, "Content-Type": "application/json"}
+    return httpx.post(f"{server.url}/v1/feedback", content=json.dumps(body), headers=headers, timeout=30)
 
 
 def test_feedback_is_stored_and_read_by_the_rm_trainer(loop_server):
@@ -80,6 +82,10 @@ def test_feedback_is_stored_and_read_by_the_rm_trainer(loop_server):
         ({"request_id": "REAL", "chosen": 0, "rejected": 7}, 400, "rejected"),
         ({"request_id": "REAL", "ranks": [1, 2]}, 400, "ranks"),
         ({"request_id": "REAL", "prompt_index": 3, "chosen": 0, "rejected": 1}, 400, "prompt_index"),
+        ({"request_id": "REAL", "ranks": [1, True, 2]}, 400, "ranks"),
+        ({"request_id": "REAL", "ranks": [1, float("nan"), 2]}, 400, "ranks"),
+        ({"request_id": "REAL", "ranks": [1, float("inf"), 2]}, 400, "ranks"),
+        ({"request_id": "REAL", "ranks": [1, -float("inf"), 2]}, 400, "ranks"),
     ],
 )
 def test_bad_feedback_says_why(loop_server, body, status, param):
@@ -87,7 +93,22 @@ def test_bad_feedback_says_why(loop_server, body, status, param):
         body = {**body, "request_id": complete(loop_server)["id"]}
     response = feedback(loop_server, body)
     assert response.status_code == status, response.text
-    assert response.json()["error"]["param"] == param
+    error = response.json()["error"]
+    assert error["param"] == param and error["code"] is not None, error
+
+
+def test_feedback_ranks_of_1e999_are_refused(loop_server):
+    request_id = complete(loop_server)["id"]
+    raw = '{"request_id": "' + request_id + '", "ranks": [1, 1e999, 2]}'
+    response = httpx.post(
+        f"{loop_server.url}/v1/feedback", content=raw, headers={**USER, "Content-Type": "application/json"}
+    )
+    assert response.status_code == 400 and response.json()["error"]["param"] == "ranks"
+
+
+def test_an_unknown_request_id_is_not_echoed_whole(loop_server):
+    response = feedback(loop_server, {"request_id": "x" * 500_000, "chosen": 0, "rejected": 1})
+    assert response.status_code == 404 and len(response.text) < 1000
 
 
 def test_feedback_on_an_unlogged_request_is_unknown(loop_server):

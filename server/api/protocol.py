@@ -7,6 +7,7 @@ Extensions: `best_of` on chat, `top_k`, `return_candidates`, `log`, `early_rejec
 from __future__ import annotations
 
 import difflib
+import math
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -301,6 +302,15 @@ class FeedbackRequest(BaseModel):
     ranks: list[float | None] | None = Field(
         None, description="One per candidate index; 1 = best, equal = tie."
     )
+
+    @field_validator("ranks", mode="before")
+    @classmethod
+    def _finite_numbers(cls, ranks):
+        """A rank is a finite number or null: JSON's true, NaN and 1e999 (infinity) rank nothing."""
+        for rank in ranks if isinstance(ranks, list) else []:
+            if isinstance(rank, bool) or (isinstance(rank, float) and not math.isfinite(rank)):
+                raise ValueError(f"a rank is a finite number or null, not {rank!r}")
+        return ranks
 
     @model_validator(mode="after")
     def _one_form(self):

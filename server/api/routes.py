@@ -187,7 +187,7 @@ async def feedback(body: FeedbackRequest, request: Request, service: Service) ->
     if not counts:
         raise APIError(
             404,
-            f"unknown request_id {body.request_id!r}: no logged candidates (unknown id, or the "
+            f"unknown request_id {body.request_id[:64]!r}: no logged candidates (unknown id, or the "
             "request was sent with log: false)",
             "request_id",
             "unknown_request",
@@ -197,18 +197,23 @@ async def feedback(body: FeedbackRequest, request: Request, service: Service) ->
             400,
             f"prompt_index {body.prompt_index} is out of range: the request had {len(counts)} prompt(s)",
             "prompt_index",
+            "invalid_value",
         )
     k = counts[body.prompt_index]
     if body.ranks is not None:
         if len(body.ranks) != k:
             raise APIError(
-                400, f"ranks has {len(body.ranks)} entries but the request has {k} candidates", "ranks"
+                400,
+                f"ranks has {len(body.ranks)} entries but the request has {k} candidates",
+                "ranks",
+                "invalid_value",
             )
         ranks = body.ranks
     else:
         for field, index in (("chosen", body.chosen), ("rejected", body.rejected)):
             if index >= k:
-                raise APIError(400, f"{field} is {index} but the request has candidates 0..{k - 1}", field)
+                message = f"{field} is {index} but the request has candidates 0..{k - 1}"
+                raise APIError(400, message, field, "invalid_value")
         ranks = [None] * k
         ranks[body.chosen], ranks[body.rejected] = 1, 2
     sample_log.append_feedback(FeedbackRecord(body.request_id, body.prompt_index, ranks, time.time()))
