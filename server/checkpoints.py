@@ -64,13 +64,28 @@ def max_text_chars(tokenizer: PreTrainedTokenizerBase, max_tokens: int) -> int:
     return max_tokens * longest
 
 
-def checkpoint_dir(path: str | Path, role: str, flag: str) -> Path:
-    """Resolve a local HF directory, naming the flag when it is not one (no hub is consulted)."""
+def checkpoint_dir(path: str | Path, role: str, flag: str, generates: bool = False) -> Path:
+    """Resolve a local HF directory, naming the flag when it is not one (no hub is consulted).
+    `generates`: the directory must be a model that generates text (what every policy flag takes),
+    not a reward model or classifier: the one kind check every command shares."""
     resolved = Path(path).expanduser().resolve()
     if not (resolved / "config.json").is_file():
         raise CheckpointError(
             f"{role} {path!r} is not a Hugging Face model directory (no config.json); set {flag}"
         )
+    if generates:
+        try:
+            architectures = json.loads((resolved / "config.json").read_text()).get("architectures") or []
+        except (json.JSONDecodeError, AttributeError, UnicodeDecodeError) as error:
+            raise CheckpointError(f"{role} {resolved}: config.json is not a JSON object ({error})") from None
+        heads = [
+            a for a in architectures if a.endswith(("ForSequenceClassification", "ForTokenClassification"))
+        ]
+        if heads:
+            raise CheckpointError(
+                f"{role} {resolved} is a {heads[0]} (a reward model or classifier), not a causal LM; "
+                f"{flag} takes the model that generates, --reward-model the one that scores"
+            )
     return resolved
 
 

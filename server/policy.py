@@ -21,7 +21,6 @@ from server.checkpoints import (
     model_version,
     weight_names,
 )
-from server.failures import CheckpointError
 
 log = logging.getLogger(__name__)
 
@@ -53,18 +52,12 @@ def _eos_ids(directory: Path, config, tokenizer: PreTrainedTokenizerBase) -> fro
 
 def read_policy(path: str | Path) -> PolicyInfo:
     """Read a policy checkpoint's config and tokenizer; raises CheckpointError naming what is wrong."""
-    directory = checkpoint_dir(path, "policy", "--policy")
+    directory = checkpoint_dir(path, "policy", "--policy", generates=True)
     with loading("policy", directory):
         config = AutoConfig.from_pretrained(directory)
         tokenizer = AutoTokenizer.from_pretrained(directory)
         weight_names(directory)  # a missing or unreadable weights file is refused now, not at load
         eos_ids = _eos_ids(directory, config, tokenizer)
-    heads = [a for a in config.architectures or [] if a.endswith("ForSequenceClassification")]
-    if heads:
-        raise CheckpointError(
-            f"policy {directory} is a {heads[0]} (a reward model or classifier), not a causal LM; "
-            "--policy takes the model that generates, --reward-model the one that scores"
-        )
     if tokenizer.pad_token_id is None:
         # Padding positions are masked out; any id will do, eos is the customary one.
         log.warning("policy tokenizer has no pad token; padding with eos (%s)", tokenizer.eos_token)

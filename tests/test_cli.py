@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -206,8 +207,14 @@ def test_trainer_mistakes_are_one_line_not_a_traceback(models, tmp_path):
     )
     fails_cleanly(bon("train", "sft", "--base", base, "--data", str(good), "--output", str(tmp_path)),
                   "already exists")  # fmt: skip
-    # The GPT-2 RM directory's tokenizer has no chat template.
-    plain = str(models["gpt2_rm_plain"])
+    # A policy whose tokenizer has no chat template.
+    plain = tmp_path / "plain_policy"
+    shutil.copytree(models["gpt2_policy"], plain)
+    (plain / "chat_template.jinja").unlink(missing_ok=True)
+    config = json.loads((plain / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (plain / "tokenizer_config.json").write_text(json.dumps(config))
+    plain = str(plain)
     fails_cleanly(
         bon("train", "sft", "--base", plain, "--data", str(chat), "--output", out), "no chat template"
     )
@@ -219,6 +226,31 @@ def test_trainer_mistakes_are_one_line_not_a_traceback(models, tmp_path):
     )
     fails_cleanly(raft, f"{prompts}:1", "'prompt'")
     assert not (tmp_path / "out").exists()
+    # A reward model is no policy, whichever command is given it.
+    log = tmp_path / "log.db"
+    for command in (["train", "raft", "--policy", rm, "--sample-log", str(log)],
+                    ["train", "sft", "--base", rm, "--data", str(good)]):  # fmt: skip
+        fails_cleanly(bon(*command, "--output", out), "not a causal LM")
+    assert not (tmp_path / "out").exists()
+
+
+def test_reward_training_on_a_few_groups_holds_one_out_or_says_it_cannot(models, tmp_path):
+    def groups(count: int):
+        data = tmp_path / f"prefs{count}.jsonl"
+        rows = [{"prompt": f"{i} +1 =", "chosen": f" {i + 1}", "rejected": f" {i}"} for i in range(count)]
+        data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return str(data)
+
+    base = str(models["gpt2_policy"])
+    flags = ["--batch-size", "2", "--max-length", "16", "--torch-threads", "1"]
+    three = bon("train", "rm", "--base", base, "--data", groups(3), "--output", str(tmp_path / "a"), *flags)
+    assert three.returncode == 0, three.stderr[-2000:]
+    assert "holding out 1 of 3 groups" in three.stderr
+    assert "eval_accuracy" in json.loads(three.stdout[three.stdout.index("{") :])["result"]
+    one = bon("train", "rm", "--base", base, "--data", groups(1), "--output", str(tmp_path / "b"), *flags)
+    assert one.returncode == 0, one.stderr[-2000:]
+    assert "too few to hold any out" in one.stderr
+    assert "no held-out accuracy" in json.loads(one.stdout[one.stdout.index("{") :])["result"]["note"]
 
 
 def test_help_version_defaults_and_required_flags():

@@ -325,7 +325,7 @@ def main(argv: list[str] | None = None) -> dict:
     pick.add_argument("--min-candidates", type=int, default=1)
     add_train_args(parser)
     args = parser.parse_args(argv)
-    checkpoint_dir(args.policy, "policy", "--policy")
+    checkpoint_dir(args.policy, "policy", "--policy", generates=True)
     check_new_output(args.output)
     rule = Selection(args.top_k, args.top_fraction, args.min_reward, args.min_candidates)
     if args.sample_log and not args.prompts:

@@ -176,8 +176,16 @@ def train_reward_model(
     if eval_groups is None:
         random.Random(args.seed).shuffle(encoded)
         held = int(len(encoded) * eval_fraction)
+        if eval_fraction > 0 and held == 0:
+            # A fraction of a few groups rounds to none: hold out one if one can be spared.
+            held = 1 if len(encoded) >= 2 else 0
         held_out, encoded = encoded[:held], encoded[held:]
         log.info("holding out %d of %d groups for evaluation", held, held + len(encoded))
+        if eval_fraction > 0 and not held_out:
+            log.warning(
+                "%d preference group(s): too few to hold any out, so there is no held-out accuracy",
+                len(encoded),
+            )
     else:
         held_out = [encode(g) for g in eval_groups]
     if not encoded:
@@ -257,4 +265,6 @@ def main(argv: list[str] | None = None) -> dict:
         shrink=args.shrink,
     )
     result = {k: round(v, 4) for k, v in history[-1].items() if k.startswith("eval_")}
+    if not result:
+        result = {"note": "nothing was held out (--eval-fraction 0, or too few groups): no held-out accuracy"}
     return summary("rm", args.output, data, result)

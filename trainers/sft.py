@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> dict:
     required.add_argument("--output", type=Path, required=True, help="new directory for the checkpoint")
     add_train_args(parser)
     args = parser.parse_args(argv)
-    checkpoint_dir(args.base, "base model", "--base")
+    checkpoint_dir(args.base, "base model", "--base", generates=True)
     check_new_output(args.output)
     examples = load_sft(args.data)
     check_chat_template(args.base, examples, args.data)
