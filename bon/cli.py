@@ -39,6 +39,7 @@ def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from server.api.app import build_app
+    from server.api.connections import HEADER_BYTES, bounded_h11
     from server.engines.build import EngineUnavailable, build_sampler, build_scorer
     from server.failures import CheckpointError, SampleLogUnusable
     from server.log.sample_log import connect
@@ -82,6 +83,8 @@ def _serve(args: argparse.Namespace) -> int:
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
+        http=bounded_h11(settings.header_timeout_seconds, settings.max_connections),
+        h11_max_incomplete_event_size=HEADER_BYTES,
         # SIGTERM: requests still running after this long are cut off; then the log is flushed.
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
     )

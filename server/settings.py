@@ -46,6 +46,15 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(
         8 * 2**20, ge=1024, description="Largest request body; larger ones get 413 before being read."
     )
+    header_timeout_seconds: float = Field(
+        10.0, gt=0, description="Time a connection has to send a request's headers (64 KiB at most)."
+    )
+    body_timeout_seconds: float = Field(
+        30.0, gt=0, description="Time a request has to send its body once its headers are in (408 past it)."
+    )
+    max_connections: int = Field(
+        512, ge=1, description="Open connections at once; past it a new connection is closed at once."
+    )
     watch: Path | None = Field(
         None, description="Serve the newest policy checkpoint published under this directory."
     )

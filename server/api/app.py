@@ -173,6 +173,7 @@ def build_app(
         admin_keys=[key.get_secret_value() for key in settings.admin_key],
         max_body_bytes=settings.max_body_bytes,
         public_metrics=settings.public_metrics,
+        body_seconds=settings.body_timeout_seconds,
     )
     app.add_middleware(_RequestMetrics)  # outermost: counts what the Guard refuses too
     return app

@@ -4,7 +4,8 @@ A pure ASGI middleware, the outermost one of the app:
 - API keys guard /v1/* (and /metrics unless it is public), admin keys /admin/*, checked on the
   headers alone, so a caller without a key costs no body read or parse;
 - the body is read here, at most `max_body_bytes` of it (413 beyond, from Content-Length before
-  reading anything, or as a chunked body streams in), and handed on;
+  reading anything, or as a chunked body streams in), within `body_seconds` (408 past it, and the
+  connection is closed), and handed on;
 - an exception nobody handled becomes a 500 envelope here. Starlette's own handler re-raises
   after answering, and uvicorn then drops the keep-alive connection without `Connection: close`,
   so a client's next request on it failed.
@@ -12,8 +13,10 @@ A pure ASGI middleware, the outermost one of the app:
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import secrets
+import time
 
 from server.api.errors import error_response
 
@@ -21,6 +24,10 @@ log = logging.getLogger(__name__)
 
 # A refused request's body is read and dropped up to this many times the body limit (see _refuse).
 DRAINED = 4
+
+
+class TimedOut:
+    """What `_read_body` returns when the body did not arrive in time."""
 
 
 def _bearer(headers: dict[bytes, bytes]) -> bytes | None:
@@ -35,13 +42,20 @@ def _known(token: bytes | None, keys: list[bytes]) -> bool:
 
 class Guard:
     def __init__(
-        self, app, api_keys: list[str], admin_keys: list[str], max_body_bytes: int, public_metrics: bool
+        self,
+        app,
+        api_keys: list[str],
+        admin_keys: list[str],
+        max_body_bytes: int,
+        public_metrics: bool,
+        body_seconds: float = 30.0,
     ):
         self.app = app
         self.api_keys = [key.encode() for key in api_keys]
         self.admin_keys = [key.encode() for key in admin_keys]
         self.max_body_bytes = max_body_bytes
         self.public_metrics = public_metrics
+        self.body_seconds = body_seconds
 
     def _refusal(self, path: str, headers: dict[bytes, bytes]):
         """The error response for a caller without the key this path needs, else None."""
@@ -65,12 +79,16 @@ class Guard:
             )
         return None
 
-    async def _read_body(self, receive, limit: int, keep: bool = True) -> bytes | None:
-        """The whole body (empty unless `keep`), or None once it passes `limit` (the rest is not
-        read)."""
+    async def _read_body(self, receive, limit: int, keep: bool = True) -> bytes | None | TimedOut:
+        """The whole body (empty unless `keep`), None once it passes `limit` (the rest is not
+        read), or TimedOut when it has not all arrived within `body_seconds`."""
         chunks, size = [], 0
+        deadline = time.monotonic() + self.body_seconds
         while True:
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
+            except asyncio.TimeoutError:
+                return TimedOut()
             if message["type"] == "http.disconnect":
                 break
             chunk = message.get("body", b"")
@@ -86,10 +104,18 @@ class Guard:
     async def _refuse(self, response, scope, receive, send) -> None:
         """Answer without using the body. Up to a few times the limit, the body is read and thrown
         away, so that the client reads the answer rather than a connection reset mid-upload; past
-        that the connection is closed instead."""
-        if await self._read_body(receive, DRAINED * self.max_body_bytes, keep=False) is None:
+        that (or when it is slow to come, or announced larger) the connection is closed instead."""
+        if self._announced(scope) > DRAINED * self.max_body_bytes or not isinstance(
+            await self._read_body(receive, DRAINED * self.max_body_bytes, keep=False), bytes
+        ):
             response.headers["Connection"] = "close"
         await response(scope, receive, send)
+
+    @staticmethod
+    def _announced(scope) -> int:
+        """The body's Content-Length, or 0 when it gives none."""
+        length = dict(scope["headers"]).get(b"content-length", b"")
+        return int(length) if length.isdigit() else 0
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -102,13 +128,20 @@ class Guard:
         too_large = error_response(
             413, f"request body over {self.max_body_bytes} bytes (--max-body-bytes)", code="request_too_large"
         )
-        length = headers.get(b"content-length", b"")
-        if length.isdigit() and int(length) > DRAINED * self.max_body_bytes:
+        if self._announced(scope) > DRAINED * self.max_body_bytes:
             too_large.headers["Connection"] = "close"  # not worth reading even to throw away
             return await too_large(scope, receive, send)
         body = await self._read_body(receive, self.max_body_bytes)
         if body is None:
             return await self._refuse(too_large, scope, receive, send)
+        if isinstance(body, TimedOut):
+            slow = error_response(
+                408,
+                f"the request body did not arrive within {self.body_seconds:g} s (--body-timeout-seconds)",
+                code="request_timeout",
+                headers={"Connection": "close"},
+            )
+            return await slow(scope, receive, send)
 
         replayed = False
 

@@ -19,14 +19,15 @@ _WHY = {
     401: "Missing or invalid key",
     403: "The key may not use this route",
     404: "Unknown model or record",
+    408: "Body not sent within --body-timeout-seconds",
     413: "Request body over --max-body-bytes",
     429: "Queue full; retry after `Retry-After` seconds",
     500: "Internal error (no details are shown)",
     503: "Warming up (`Retry-After`), an engine died, or the candidate log is behind",
 }
 # What every /v1 route can answer besides success: the Guard's, the schema's, the engines'.
-V1_ERRORS = (400, 401, 404, 413, 429, 500, 503)
-ADMIN_ERRORS = (400, 401, 403, 413, 500)
+V1_ERRORS = (400, 401, 404, 408, 413, 429, 500, 503)
+ADMIN_ERRORS = (400, 401, 403, 408, 413, 500)
 
 # The event stream of each route that may stream (`stream: true`): one chunk, then "[DONE]".
 STREAMED = {"/v1/completions": CompletionChunk, "/v1/chat/completions": ChatCompletionChunk}
