@@ -1,35 +1,81 @@
 """`bon`: one command, with a subcommand per job.
 
-serve, export-samples, score, generate, eval, train {sft,rm,raft}, demo. Each job's module is
-imported only when it runs, so serving never loads the trainers.
+Each command's flags are parsed before its module is imported (the parsers live in
+`server/arguments.py` and `trainers/arguments.py`, which import nothing heavy), so --help and a
+usage error answer at once; serving never loads the trainers.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import json
 import logging
 import sys
+import typing
 from importlib.metadata import version
 from pathlib import Path
 
-from pydantic import ValidationError
+DESCRIPTION = """Best-of-N serving with a Bradley-Terry reward model, and RAFT retraining on what was served.
+
+  bon serve --policy DIR --reward-model DIR       serve best-of-N over an OpenAI-compatible API
+  bon score rows.jsonl -o scored.jsonl --reward-model DIR
+  bon generate ... / bon eval ... / bon export-samples ...
+  bon train sft|rm|raft ...                      fine-tune a policy, train a reward model, RAFT
+  bon demo --output DIR                          the whole pipeline on tiny models, on a CPU
+
+`bon COMMAND --help` lists a command's flags with their defaults."""
+
+# Commands whose flags a parser of their own reads: (module holding the parser, its function,
+# module whose main(argv) runs the command). The parser runs first, so --help never waits for torch.
+COMMANDS = {
+    "score": ("server.arguments", "score_parser", "server.batch.score"),
+    "generate": ("server.arguments", "generate_parser", "server.batch.generate"),
+    "eval": ("trainers.arguments", "eval_parser", "trainers.evaluation.run"),
+    "train sft": ("trainers.arguments", "sft_parser", "trainers.sft"),
+    "train rm": ("trainers.arguments", "rm_parser", "trainers.reward"),
+    "train raft": ("trainers.arguments", "raft_parser", "trainers.raft"),
+    "demo": ("trainers.arguments", "demo_parser", "trainers.demo.pipeline"),
+}
+TRAINERS = {
+    "sft": "supervised fine-tuning of a causal LM on prompt/completion or chat data",
+    "rm": "a Bradley-Terry reward model from pairs, rankings with ties, and logged feedback",
+    "raft": "fine-tune the policy on its best logged (or self-sampled) candidates",
+}
 
 
 def _add_serve(commands) -> None:
+    from server.arguments import HelpFormatter
     from server.settings import Settings
 
-    serve = commands.add_parser("serve", help="serve best-of-N over an OpenAI-compatible HTTP API")
+    serve = commands.add_parser(
+        "serve",
+        help="serve best-of-N over an OpenAI-compatible HTTP API",
+        description="Serve best-of-N: sample best_of candidates from the policy, score each with the\n"
+        "reward model, return the best n in the OpenAI schema, and log every candidate.\n"
+        "Every flag is also an environment variable BON_<FLAG>; the command line wins.",
+        formatter_class=HelpFormatter,
+    )
+    required = serve.add_argument_group("required (a flag or its environment variable)")
     for name, field in Settings.model_fields.items():
         flag = "--" + name.replace("_", "-")
-        help_text = f"{field.description or ''} (env BON_{name.upper()})"
+        group = required if field.is_required() else serve
+        value = None if field.is_required() else field.get_default(call_default_factory=True)
+        default = "" if value is None or value is False or value == [] else f"; default: {value}"
+        help_text = f"{field.description or ''} (env BON_{name.upper()}{default})"
+        choices = (
+            typing.get_args(field.annotation)
+            if typing.get_origin(field.annotation) is typing.Literal
+            else None
+        )
         if field.annotation is bool:
-            serve.add_argument(flag, action="store_true", default=argparse.SUPPRESS, help=help_text)
+            group.add_argument(flag, action="store_true", default=argparse.SUPPRESS, help=help_text)
         elif name in ("api_key", "admin_key"):
-            serve.add_argument(
+            group.add_argument(
                 flag, action="append", default=argparse.SUPPRESS, help=help_text + "; repeatable"
             )
         else:
-            serve.add_argument(flag, default=argparse.SUPPRESS, help=help_text)
+            group.add_argument(flag, default=argparse.SUPPRESS, choices=choices, help=help_text)
 
 
 GRACEFUL_SHUTDOWN_SECONDS = 10
@@ -37,6 +83,7 @@ GRACEFUL_SHUTDOWN_SECONDS = 10
 
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
+    from pydantic import ValidationError
 
     from server.api.app import build_app
     from server.api.connections import HEADER_BYTES, bounded_h11
@@ -116,64 +163,44 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
-TRAINERS = {"sft": "trainers.sft", "rm": "trainers.reward", "raft": "trainers.raft"}
-
-
-def _train(args: argparse.Namespace) -> int:
-    import importlib
-    import json
-
-    from server.failures import Failure
-    from trainers.data import RecipeError
-
-    if args.method is None:
-        methods = ", ".join(f"{m} ({TRAINERS[m]})" for m in sorted(TRAINERS))
-        wanted_help = {"-h", "--help"} & set(args.rest)
-        print(f"usage: bon train METHOD [flags]; METHOD is one of: {methods}; `bon train METHOD --help`",
-              file=sys.stdout if wanted_help else sys.stderr)  # fmt: skip
-        return 0 if wanted_help else 2
-    logging.basicConfig(level=logging.INFO, format=f"bon train {args.method}: %(message)s")
-    try:
-        summary = importlib.import_module(TRAINERS[args.method]).main(args.rest)
-    except (RecipeError, Failure, OSError) as error:
-        # A user's mistake (a file, a row, a flag, a directory): one line, no traceback.
-        print(f"bon train {args.method}: {error}", file=sys.stderr)
-        return 2
-    print(json.dumps(summary, indent=2))
-    return 0
-
-
-JOBS = {"score": "server.batch.score", "generate": "server.batch.generate", "eval": "trainers.evaluation.run"}
-
-
-def _job(args: argparse.Namespace) -> int:
-    import importlib
-    import json
-
+def _run(args: argparse.Namespace) -> int:
+    """A command with its own parser: parse (help and usage errors end here, before any heavy
+    import), then import the command's module and run it; a user's mistake is one line."""
+    name = f"{args.command} {args.method}" if getattr(args, "method", None) else args.command
+    if args.command == "train" and args.method is None:
+        return _list_trainers(args.rest)
+    parser_module, parser_name, module = COMMANDS[name]
+    getattr(importlib.import_module(parser_module), parser_name)().parse_args(args.rest)
+    logging.basicConfig(level=logging.INFO, format=f"bon {name}: %(message)s")
     from server.batch.tables import BadInput
     from server.engines.build import EngineUnavailable
     from server.failures import Failure
+    from trainers.data import RecipeError
 
-    logging.basicConfig(level=logging.INFO, format=f"bon {args.command}: %(message)s")
     try:
-        summary = importlib.import_module(JOBS[args.command]).main(args.rest)
-    except (BadInput, Failure, EngineUnavailable, OSError) as error:
+        summary = importlib.import_module(module).main(args.rest)
+    except (BadInput, RecipeError, Failure, EngineUnavailable, OSError) as error:
         # A user's mistake (a file, a row, a flag, a directory): one line, no traceback.
-        print(f"bon {args.command}: {error}", file=sys.stderr)
+        print(f"bon {name}: {error}", file=sys.stderr)
         return 2
-    print(json.dumps(summary, indent=2))
+    if name != "demo":  # the demo prints its own table
+        print(json.dumps(summary, indent=2))
     return 0
 
 
-def _demo(args: argparse.Namespace) -> int:
-    from trainers.demo.pipeline import main as demo_main
-
-    demo_main(args.rest)
-    return 0
+def _list_trainers(rest: list[str]) -> int:
+    wanted = bool({"-h", "--help"} & set(rest))
+    lines = ["usage: bon train METHOD [flags]", "", "methods:"]
+    lines += [f"  {method:6} {what}" for method, what in TRAINERS.items()]
+    lines += ["", "`bon train METHOD --help` lists a method's flags with their defaults."]
+    print("\n".join(lines), file=sys.stdout if wanted else sys.stderr)
+    return 0 if wanted else 2
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="bon", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="bon", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--version", action="version", version=f"bon {version('bon')}")
     commands = parser.add_subparsers(dest="command", required=True)
     _add_serve(commands)
@@ -191,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument(
         "--min-margin", type=float, default=0.0, help="pairs: drop those whose rewards differ by less"
     )
-    export.add_argument("-o", "--output", type=Path, required=True)
+    export.add_argument("-o", "--output", type=Path, required=True, help="a .jsonl or .parquet file")
     export.set_defaults(func=_export)
 
     train = commands.add_parser(
@@ -200,7 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
         add_help=False,
     )
     train.add_argument("method", nargs="?", choices=sorted(TRAINERS))
-    train.set_defaults(func=_train, passes_through=True)
+    train.set_defaults(func=_run, passes_through=True)
 
     for name, what in [
         ("score", "reward every row of a JSONL/Parquet file; resumable, torchrun-ready"),
@@ -208,12 +235,12 @@ def build_parser() -> argparse.ArgumentParser:
         ("eval", "reward vs N, KL, win rate and diversity: eval.json, report.md and plots"),
     ]:
         job = commands.add_parser(name, help=f"{what}; `bon {name} --help`", add_help=False)
-        job.set_defaults(func=_job, passes_through=True)
+        job.set_defaults(func=_run, passes_through=True)
 
     demo = commands.add_parser(
         "demo", help="the whole pipeline from scratch on CPU; `bon demo --help`", add_help=False
     )
-    demo.set_defaults(func=_demo, passes_through=True)
+    demo.set_defaults(func=_run, passes_through=True)
     return parser
 
 

@@ -34,9 +34,13 @@ class Settings(BaseSettings):
         0, ge=0, description="Intra-op CPU threads for torch; 0 means half the cores (server/threads.py)."
     )
     host: str = Field("127.0.0.1", description="Bind address; loopback unless asked otherwise.")
-    port: int = Field(8000, ge=0, le=65535)
+    port: int = Field(8000, ge=0, le=65535, description="TCP port to listen on.")
     # Several keys allowed (rotation); BON_API_KEY takes them comma-separated.
-    api_key: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
+    api_key: Annotated[list[SecretStr], NoDecode] = Field(
+        default_factory=list,
+        description="Bearer key(s) for /v1/* and /metrics; without one anyone who reaches the port may "
+        "use the models (BON_API_KEY takes several, comma-separated).",
+    )
     admin_key: Annotated[list[SecretStr], NoDecode] = Field(
         default_factory=list, description="Bearer key(s) for /admin/*; without one the admin API is off."
     )
@@ -107,7 +111,7 @@ class Settings(BaseSettings):
     sample_log_flush_seconds: float = Field(
         0.5, gt=0, le=1.0, description="Longest time a candidate waits to be committed."
     )
-    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Server log level.")
 
     @field_validator("api_key", "admin_key", mode="before")
     @classmethod

@@ -305,3 +305,38 @@ def test_raft_warns_when_it_keeps_the_best_of_bad_candidates(models, tmp_path):
     assert quiet.returncode == 0 and "below the median" not in quiet.stderr
     summary = json.loads(quiet.stdout[quiet.stdout.index("{") :])
     assert summary["data"]["samples_kept"] == 2 and summary["data"]["samples_seen"] == 6
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["--help"], ["serve", "--help"], ["train", "--help"], ["train", "rm", "--help"],
+     ["train", "sft", "--help"], ["train", "raft", "--help"], ["score", "--help"], ["generate", "--help"],
+     ["eval", "--help"], ["demo", "--help"], ["train", "raft", "--bogus"], ["score"], ["train", "nope"]],
+)  # fmt: skip
+def test_help_and_usage_errors_answer_before_torch_is_imported(argv):
+    """They took 12-17 s when the command's module (and torch) was imported to build its parser."""
+    probe = (
+        "import sys\nfrom bon.cli import main\n"
+        f"try:\n    main({argv!r})\nexcept SystemExit as e:\n    code = e.code\n"
+        "print('EXIT', code, 'torch' in sys.modules, 'transformers' in sys.modules)"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    *_, code, torch_loaded, transformers_loaded = result.stdout.strip().splitlines()[-1].split()
+    assert (torch_loaded, transformers_loaded) == ("False", "False"), result.stdout[-500:]
+    expected = "0" if argv[-1] == "--help" else "2"
+    assert code == expected, result.stdout[-2000:] + result.stderr[-2000:]
+
+
+def test_every_flag_of_every_command_says_what_it_does():
+    import importlib
+
+    from bon.cli import COMMANDS, build_parser
+
+    parsers = [getattr(importlib.import_module(module), name)() for module, name, _ in COMMANDS.values()]
+    commands = build_parser()._subparsers._group_actions[0].choices
+    parsers += [commands["serve"], commands["export-samples"]]
+    for parser in parsers:
+        for action in parser._actions:
+            assert action.help, (parser.prog, action.option_strings)
+    serve = bon("serve", "--help").stdout
+    assert "default: 8000" in serve and "{transformers,vllm}" in serve and "required" in serve

@@ -8,14 +8,12 @@ code does not change.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
 import shutil
 import uuid
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -25,59 +23,13 @@ from tqdm import tqdm
 from transformers import PreTrainedModel
 
 from server.threads import apply_torch_threads
+from trainers.arguments import TrainArgs
 from trainers.data import RecipeError
-
-
-@dataclass
-class TrainArgs:
-    """Hyperparameters shared by the recipes; defaults suit fine-tuning a real pretrained model."""
-
-    epochs: int = 1
-    learning_rate: float = 1e-5  # full fine-tuning of a pretrained LM; tiny models from scratch want ~1e-3
-    batch_size: int = 8  # per process, before accumulation
-    max_length: int = 1024
-    seed: int = 0
-    gradient_accumulation_steps: int = 1
-    warmup_ratio: float = 0.03
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    lora_rank: int = 0  # > 0 trains LoRA adapters (peft) and merges them into the saved checkpoint
-    torch_threads: int = 0  # 0: half the cores, so a run beside a server does not take them all
-
-
-# The --help line of each TrainArgs field.
-TRAIN_HELP = {
-    "epochs": "passes over the data",
-    "learning_rate": "peak learning rate (linear warm-up, then linear decay; every update's is > 0)",
-    "batch_size": "examples per step and process, before accumulation",
-    "max_length": "tokens per example; longer ones are cut",
-    "seed": "seeds data order, initialisation and sampling",
-    "gradient_accumulation_steps": "steps whose gradients add up before one update",
-    "warmup_ratio": "share of the updates spent warming up",
-    "weight_decay": "AdamW weight decay",
-    "max_grad_norm": "gradient clipping norm",
-    "lora_rank": "> 0: train LoRA adapters of this rank (peft) and merge them when saving",
-    "torch_threads": "intra-op CPU threads; 0: half the cores",
-}
 
 
 def summary(recipe: str, output: Path, data: dict, result: dict) -> dict:
     """What every recipe reports at the end, in one shape: what it read, what it made."""
     return {"recipe": recipe, "output": str(output), "data": data, "result": result}
-
-
-def add_train_args(parser: argparse.ArgumentParser, **defaults) -> None:
-    """One flag per TrainArgs field; a recipe may change a default (e.g. a reward model's lr)."""
-    base = TrainArgs(**defaults)
-    group = parser.add_argument_group("training")
-    for name, value in asdict(base).items():
-        group.add_argument(
-            "--" + name.replace("_", "-"), type=type(value), default=value, help=TRAIN_HELP[name]
-        )
-
-
-def train_args(namespace: argparse.Namespace) -> TrainArgs:
-    return TrainArgs(**{name: getattr(namespace, name) for name in TrainArgs.__dataclass_fields__})
 
 
 def make_accelerator(args: TrainArgs) -> Accelerator:

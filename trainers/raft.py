@@ -34,7 +34,6 @@ from pathlib import Path
 
 import torch
 
-from server.arguments import job_parser
 from server.checkpoints import checkpoint_dir, model_version
 from server.engines.contract import Candidate, SampleRequest, SamplingParams
 from server.engines.hf.decoding import generate
@@ -43,8 +42,9 @@ from server.log.sample_log import read_records
 from server.prompts import Prompt as ServedPrompt
 from server.prompts import make_prompt, reward_input
 from server.reward import read_reward_model
+from trainers.arguments import TrainArgs, raft_parser, train_args
 from trainers.data import Prompt, RecipeError, SFTExample, load_prompts
-from trainers.engine import TrainArgs, add_train_args, check_new_output, summary, train_args
+from trainers.engine import check_new_output, summary
 from trainers.sft import finetune
 
 MANIFEST = "raft_manifest.json"
@@ -302,28 +302,7 @@ def raft_self_sampling(
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser, required = job_parser("bon train raft", __doc__)
-    required.add_argument("--policy", type=Path, required=True, help="the policy to improve (not modified)")
-    required.add_argument(
-        "--output", type=Path, required=True, help="new checkpoint directory (must not exist)"
-    )
-    source = parser.add_argument_group("data: the candidate log, or self-sampling")
-    source.add_argument("--sample-log", type=Path, help="bon serve's candidate log")
-    source.add_argument(
-        "--since", type=float, help="unix time; default: the parent RAFT run's window end, or all"
-    )
-    source.add_argument("--prompts", type=Path, help="JSONL prompts for self-sampling")
-    source.add_argument("--reward-model", type=Path, help="RM for self-sampling")
-    source.add_argument("--iterations", type=int, default=1)
-    source.add_argument("-k", "--samples-per-prompt", type=int, default=8)
-    source.add_argument("--temperature", type=float, default=1.0)
-    source.add_argument("--max-new-tokens", type=int, default=128)
-    pick = parser.add_argument_group("selection")
-    pick.add_argument("--top-k", type=int, default=1, help="keep the best k per prompt (local ranking)")
-    pick.add_argument("--top-fraction", type=float, help="keep the best fraction overall (global ranking)")
-    pick.add_argument("--min-reward", type=float)
-    pick.add_argument("--min-candidates", type=int, default=1)
-    add_train_args(parser)
+    parser = raft_parser()
     args = parser.parse_args(argv)
     checkpoint_dir(args.policy, "policy", "--policy", generates=True)
     check_new_output(args.output)

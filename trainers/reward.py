@@ -25,22 +25,19 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from server.arguments import job_parser
 from server.checkpoints import checkpoint_dir
 from server.engines.hf.models import LastTokenReward, pad_right
 from server.prompts import render_messages
 from server.reward import encode_candidate
+from trainers.arguments import TrainArgs, rm_parser, train_args
 from trainers.data import PreferenceGroup, RecipeError, load_feedback, load_preferences
 from trainers.engine import (
-    TrainArgs,
-    add_train_args,
     check_new_output,
     fit,
     make_accelerator,
     mergeable,
     publish,
     summary,
-    train_args,
     with_lora,
     write_history,
 )
@@ -221,21 +218,7 @@ def train_reward_model(
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser, required = job_parser("bon train rm", __doc__)
-    required.add_argument("--base", type=Path, required=True, help="SFT policy directory to start from")
-    required.add_argument("--output", type=Path, required=True, help="new directory for the reward model")
-    parser.add_argument("--data", type=Path, nargs="*", default=[], help="JSONL pairs or rankings")
-    parser.add_argument("--sample-log", type=Path, help="also train on the feedback stored by bon serve")
-    parser.add_argument("--eval-fraction", type=float, default=0.1, help="prompts held out for evaluation")
-    parser.add_argument("--centering", type=float, default=0.0, help="coefficient of mean(r^2)")
-    parser.add_argument(
-        "--shrink",
-        type=float,
-        default=0.0,
-        help="start this fraction of the way from the SFT weights to a fresh init (shrink and perturb); "
-        "0.3-0.7 when the policy was fine-tuned long on narrow data",
-    )
-    add_train_args(parser, learning_rate=5e-6, batch_size=4, max_length=1024)
+    parser = rm_parser()
     args = parser.parse_args(argv)
     checkpoint_dir(args.base, "base model", "--base")
     check_new_output(args.output)

@@ -18,20 +18,17 @@ import torch
 from torch.utils.data import DataLoader
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
-from server.arguments import job_parser
 from server.checkpoints import checkpoint_dir
 from server.engines.hf.models import pad_right
+from trainers.arguments import TrainArgs, sft_parser, train_args
 from trainers.data import DataError, SFTExample, load_sft
 from trainers.engine import (
-    TrainArgs,
-    add_train_args,
     check_new_output,
     fit,
     make_accelerator,
     mergeable,
     publish,
     summary,
-    train_args,
     with_lora,
     write_history,
 )
@@ -145,12 +142,7 @@ def check_chat_template(base: Path, examples: list[SFTExample], data: Path) -> N
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser, required = job_parser("bon train sft", __doc__)
-    required.add_argument("--base", type=Path, required=True, help="HF causal-LM directory to start from")
-    required.add_argument("--data", type=Path, required=True, help="JSONL of prompt/completion or messages")
-    required.add_argument("--output", type=Path, required=True, help="new directory for the checkpoint")
-    add_train_args(parser)
-    args = parser.parse_args(argv)
+    args = sft_parser().parse_args(argv)
     checkpoint_dir(args.base, "base model", "--base", generates=True)
     check_new_output(args.output)
     examples = load_sft(args.data)

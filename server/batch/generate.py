@@ -25,7 +25,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from server.arguments import job_parser
+from server.arguments import generate_parser
 from server.batch.tables import BadInput, Row, count_rows, read_rows, table_format, windows
 from server.engines.contract import SamplingParams
 from server.failures import Failure
@@ -34,47 +34,6 @@ from server.policy import read_policy
 from server.reward import read_reward_model
 from server.service import BestOfN
 from server.threads import apply_torch_threads
-
-
-def _parser():
-    parser, required = job_parser("bon generate", __doc__)
-    required.add_argument("--policy", type=Path, required=True, help="HF causal-LM directory")
-    required.add_argument(
-        "--reward-model", type=Path, required=True, help="HF sequence-classification directory"
-    )
-    required.add_argument(
-        "--prompts", type=Path, required=True, help='.jsonl or .parquet rows with a "prompt"'
-    )
-    required.add_argument(
-        "--best-of", type=int, required=True, help="candidates sampled and scored per prompt"
-    )
-    required.add_argument(
-        "--sample-log", type=Path, required=True, help="SQLite candidate log (created or appended)"
-    )
-    parser.add_argument("--max-tokens", type=int, default=16, help="tokens per candidate")
-    parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--seed", type=int, default=0, help="prompt i samples with seed S + i")
-    parser.add_argument("--resume", action="store_true", help="finish a job that was stopped or killed")
-    parser.add_argument(
-        "--skip-bad-rows", action="store_true", help="skip and count prompts that cannot be used"
-    )
-    parser.add_argument(
-        "--engine", choices=["transformers", "vllm"], help="default: BON_ENGINE or transformers"
-    )
-    parser.add_argument(
-        "--reward-engine", choices=["transformers", "vllm"], help="default: BON_REWARD_ENGINE or transformers"
-    )
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
-    parser.add_argument("--window", type=int, default=64, help="prompts in flight together")
-    parser.add_argument(
-        "--max-batch-tokens", type=int, default=16384, help="token budget of one sampling batch"
-    )
-    parser.add_argument(
-        "--torch-threads", type=int, default=0, help="intra-op CPU threads; 0: half the cores"
-    )
-    return parser
 
 
 def job_name(args, policy_version: str, reward_version: str) -> str:
@@ -200,6 +159,6 @@ async def run(args) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = _parser().parse_args(argv)
+    args = generate_parser().parse_args(argv)
     apply_torch_threads(args.torch_threads)
     return asyncio.run(run(args))

@@ -23,14 +23,13 @@ import os
 import time
 from array import array
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 from tqdm import tqdm
 
-from server.arguments import job_parser
+from server.arguments import score_parser
 from server.batch.journal import Journal, job_identity
 from server.batch.tables import (
     BadInput,
@@ -183,39 +182,6 @@ def reward_summary(rewards: array) -> dict[str, float]:
     }
 
 
-def _parser():
-    parser, required = job_parser("bon score", __doc__)
-    parser.add_argument("input", type=Path, help="rows to score (.jsonl or .parquet)")
-    required.add_argument("-o", "--output", type=Path, required=True, help=".jsonl or .parquet")
-    required.add_argument(
-        "--reward-model", type=Path, required=True, help="HF sequence-classification directory"
-    )
-    parser.add_argument(
-        "--policy",
-        type=Path,
-        help="render chat prompts with this policy's template when the RM has none (as the server does)",
-    )
-    parser.add_argument("--resume", action="store_true", help="finish a job that was stopped or killed")
-    parser.add_argument(
-        "--skip-bad-rows", action="store_true", help="skip and count rows that cannot be scored"
-    )
-    parser.add_argument(
-        "--engine", choices=["transformers", "vllm"], help="default: BON_REWARD_ENGINE or transformers"
-    )
-    parser.add_argument("--device", default="cpu", help="cpu, cuda (each process takes cuda:LOCAL_RANK)")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
-    parser.add_argument(
-        "--window-rows", type=int, default=4096, help="rows read, sorted and written together"
-    )
-    parser.add_argument(
-        "--batch-tokens", type=int, default=8192, help="padded reward-model tokens per forward pass"
-    )
-    parser.add_argument(
-        "--torch-threads", type=int, default=0, help="intra-op CPU threads; 0: half the cores"
-    )
-    return parser
-
-
 def _scorer(args):
     from server.engines.build import build_scorer
     from server.settings import Settings
@@ -343,6 +309,6 @@ async def _score(args, rm, policy_tokenizer, journal: Journal, last_done: int, s
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run the job; a user's mistake raises BadInput (or CheckpointError), which `bon` prints as
     one line."""
-    args = _parser().parse_args(argv)
+    args = score_parser().parse_args(argv)
     apply_torch_threads(args.torch_threads)
     return asyncio.run(run(args))

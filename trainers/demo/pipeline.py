@@ -13,7 +13,6 @@ prompts, which never reach a trainer.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import random
@@ -21,7 +20,7 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import httpx
@@ -31,6 +30,7 @@ from bon.tiny_models import build_model, train_tokenizer
 from server.engines.contract import SamplingParams
 from server.engines.hf.models import load_policy, load_reward_model
 from server.prompts import make_prompt, reward_input
+from trainers.arguments import DemoConfig, TrainArgs, demo_parser
 from trainers.data import PreferenceGroup, SFTExample
 from trainers.demo.tasks import (
     Item,
@@ -41,37 +41,11 @@ from trainers.demo.tasks import (
     is_correct,
     suite,
 )
-from trainers.engine import TrainArgs
 from trainers.raft import Selection, raft_from_log, sample_candidates
 from trainers.reward import train_reward_model
 from trainers.sft import finetune
 
 ADMIN_KEY = "demo-admin-key"
-
-
-@dataclass
-class DemoConfig:
-    output: Path
-    seed: int = 0
-    n: int = 16  # best-of-N measured on held-out prompts
-    prompts_per_task: int = 8000
-    mistake_rate: float = 0.35  # share of SFT demonstrations that answer wrong
-    rm_samples: int = 8  # candidates per prompt ranked by the gold scorer for RM training
-    rm_prompts: int = 8000
-    rounds: int = 3
-    round_prompts: int = 1200  # training-split prompts sent through the server per RAFT round
-    serve_best_of: int = 8
-    max_new_tokens: int = 8
-    arch: str = "llama"  # learned both tasks in 3 epochs, where GPT-2 needed 20 (DEVELOPERS.md)
-    hidden: int = 128
-    layers: int = 4
-    sft_epochs: int = 3
-    sft_learning_rate: float = 2e-3
-    rm_epochs: int = 3
-    rm_learning_rate: float = 1e-3
-    rm_shrink: float = 0.5  # start halfway from the SFT weights to a fresh init (DEVELOPERS.md)
-    raft_epochs: int = 2
-    raft_learning_rate: float = 2e-4
 
 
 def sample(policy_dir: Path, items: list[Item], k: int, cfg: DemoConfig, seed: int) -> list[list[str]]:
@@ -354,13 +328,4 @@ def print_table(report: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(
-        prog="bon demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--output", type=Path, required=True)
-    for name, field in DemoConfig.__dataclass_fields__.items():
-        if name != "output":
-            parser.add_argument(
-                "--" + name.replace("_", "-"), type=type(field.default), default=field.default
-            )
-    return run(DemoConfig(**vars(parser.parse_args(argv))))
+    return run(DemoConfig(**vars(demo_parser().parse_args(argv))))

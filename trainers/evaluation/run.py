@@ -27,12 +27,12 @@ from typing import Any
 
 import torch
 
-from server.arguments import job_parser
 from server.batch.tables import BadInput, read_rows, table_format
 from server.engines.contract import SamplingParams
 from server.engines.hf.models import HFPolicy, load_policy, load_reward_model, pad_right
 from server.prompts import reward_input
 from server.threads import apply_torch_threads
+from trainers.arguments import eval_parser
 from trainers.data import Prompt, RecipeError, load_prompts
 from trainers.demo.tasks import gold_score, item_of
 from trainers.evaluation.measures import Pool, measure
@@ -162,30 +162,8 @@ def pools_from_models(args, prompts: list[Prompt], gold) -> dict[str, list[Pool]
 # --- the job ------------------------------------------------------------------------------------------
 
 
-def _parser():
-    parser, _ = job_parser("bon eval", __doc__)
-    parser.add_argument(
-        "--output", type=Path, required=True, help="directory for eval.json, report.md, plots"
-    )
-    parser.add_argument("--samples", type=Path, help="scored samples (.jsonl/.parquet): no models needed")
-    parser.add_argument(
-        "--policy", type=Path, action="append", default=[], help="a policy to sample; repeatable"
-    )
-    parser.add_argument("--reference", type=Path, help="the policy KL and win rates are measured against")
-    parser.add_argument("--reward-model", type=Path, help="scores the samples drawn from models")
-    parser.add_argument("--prompts", type=Path, help='JSONL, a "prompt" (string or messages) per line')
-    parser.add_argument("-k", type=int, default=16, help="samples per prompt and policy; N goes up to K")
-    parser.add_argument("--max-tokens", type=int, default=16, help="tokens per sample")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--gold", choices=sorted(GOLD), help="a gold scorer: demo = bon demo's suite")
-    parser.add_argument(
-        "--torch-threads", type=int, default=0, help="intra-op CPU threads; 0: half the cores"
-    )
-    return parser
-
-
 def main(argv: list[str] | None = None) -> dict:
-    args = _parser().parse_args(argv)
+    args = eval_parser().parse_args(argv)
     apply_torch_threads(args.torch_threads)
     gold = GOLD[args.gold] if args.gold else None
     if (args.samples is None) == (args.reference is None):

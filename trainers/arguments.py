@@ -1,0 +1,210 @@
+"""Command-line parsers of the trainers' commands (`bon train sft|rm|raft`, `bon eval`, `bon demo`)
+and the hyperparameters every recipe shares.
+
+Nothing heavy is imported here: `bon` parses a command's flags, and answers --help or a usage
+error, before the recipe (and torch) is imported.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from server.arguments import THREADS_HELP, HelpFormatter, job_parser, module_doc
+
+
+@dataclass
+class TrainArgs:
+    """Hyperparameters shared by the recipes; defaults suit fine-tuning a real pretrained model."""
+
+    epochs: int = 1
+    learning_rate: float = 1e-5  # full fine-tuning of a pretrained LM; tiny models from scratch want ~1e-3
+    batch_size: int = 8  # per process, before accumulation
+    max_length: int = 1024
+    seed: int = 0
+    gradient_accumulation_steps: int = 1
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    lora_rank: int = 0  # > 0 trains LoRA adapters (peft) and merges them into the saved checkpoint
+    torch_threads: int = 0  # 0: half the cores, so a run beside a server does not take them all
+
+
+# The --help line of each TrainArgs field.
+TRAIN_HELP = {
+    "epochs": "passes over the data",
+    "learning_rate": "peak learning rate (linear warm-up, then linear decay; every update's is > 0)",
+    "batch_size": "examples per step and process, before accumulation",
+    "max_length": "tokens per example; longer ones are cut",
+    "seed": "seeds data order, initialisation and sampling",
+    "gradient_accumulation_steps": "steps whose gradients add up before one update",
+    "warmup_ratio": "share of the updates spent warming up",
+    "weight_decay": "AdamW weight decay",
+    "max_grad_norm": "gradient clipping norm",
+    "lora_rank": "> 0: train LoRA adapters of this rank (peft) and merge them when saving",
+    "torch_threads": THREADS_HELP,
+}
+
+
+def add_train_args(parser: argparse.ArgumentParser, **defaults) -> None:
+    """One flag per TrainArgs field; a recipe may change a default (e.g. a reward model's lr)."""
+    base = TrainArgs(**defaults)
+    group = parser.add_argument_group("training")
+    for name, value in asdict(base).items():
+        group.add_argument(
+            "--" + name.replace("_", "-"), type=type(value), default=value, help=TRAIN_HELP[name]
+        )
+
+
+def train_args(namespace: argparse.Namespace) -> TrainArgs:
+    return TrainArgs(**{name: getattr(namespace, name) for name in TrainArgs.__dataclass_fields__})
+
+
+def sft_parser() -> argparse.ArgumentParser:
+    parser, required = job_parser("bon train sft", module_doc("trainers.sft"))
+    required.add_argument("--base", type=Path, required=True, help="HF causal-LM directory to start from")
+    required.add_argument("--data", type=Path, required=True, help="JSONL of prompt/completion or messages")
+    required.add_argument("--output", type=Path, required=True, help="new directory for the checkpoint")
+    add_train_args(parser)
+    return parser
+
+
+def rm_parser() -> argparse.ArgumentParser:
+    parser, required = job_parser("bon train rm", module_doc("trainers.reward"))
+    required.add_argument("--base", type=Path, required=True, help="SFT policy directory to start from")
+    required.add_argument("--output", type=Path, required=True, help="new directory for the reward model")
+    parser.add_argument("--data", type=Path, nargs="*", default=[], help="JSONL pairs or rankings")
+    parser.add_argument("--sample-log", type=Path, help="also train on the feedback stored by bon serve")
+    parser.add_argument("--eval-fraction", type=float, default=0.1, help="prompts held out for evaluation")
+    parser.add_argument("--centering", type=float, default=0.0, help="coefficient of mean(r^2)")
+    parser.add_argument(
+        "--shrink",
+        type=float,
+        default=0.0,
+        help="start this fraction of the way from the SFT weights to a fresh init (shrink and perturb); "
+        "0.3-0.7 when the policy was fine-tuned long on narrow data",
+    )
+    add_train_args(parser, learning_rate=5e-6, batch_size=4, max_length=1024)
+    return parser
+
+
+def raft_parser() -> argparse.ArgumentParser:
+    parser, required = job_parser("bon train raft", module_doc("trainers.raft"))
+    required.add_argument("--policy", type=Path, required=True, help="the policy to improve (not modified)")
+    required.add_argument(
+        "--output", type=Path, required=True, help="new checkpoint directory (must not exist)"
+    )
+    source = parser.add_argument_group("data: the candidate log, or self-sampling")
+    source.add_argument("--sample-log", type=Path, help="bon serve's candidate log")
+    source.add_argument(
+        "--since", type=float, help="unix time; default: the parent RAFT run's window end, or all"
+    )
+    source.add_argument("--prompts", type=Path, help="JSONL prompts for self-sampling")
+    source.add_argument("--reward-model", type=Path, help="RM for self-sampling")
+    source.add_argument(
+        "--iterations", type=int, default=1, help="self-sampling rounds (sample, keep, train)"
+    )
+    source.add_argument(
+        "-k", "--samples-per-prompt", type=int, default=8, help="self-sampling: candidates per prompt"
+    )
+    source.add_argument("--temperature", type=float, default=1.0, help="self-sampling temperature")
+    source.add_argument("--max-new-tokens", type=int, default=128, help="self-sampling: tokens per candidate")
+    pick = parser.add_argument_group("selection")
+    pick.add_argument("--top-k", type=int, default=1, help="keep the best k per prompt (local ranking)")
+    pick.add_argument("--top-fraction", type=float, help="keep the best fraction overall (global ranking)")
+    pick.add_argument("--min-reward", type=float, help="keep no candidate below this reward")
+    pick.add_argument("--min-candidates", type=int, default=1, help="skip prompts with fewer candidates")
+    add_train_args(parser)
+    return parser
+
+
+GOLD_SCORERS = ["demo"]  # trainers.evaluation.run.GOLD
+
+
+def eval_parser() -> argparse.ArgumentParser:
+    parser, required = job_parser("bon eval", module_doc("trainers.evaluation.run"))
+    required.add_argument(
+        "--output", type=Path, required=True, help="directory for eval.json, report.md, plots"
+    )
+    parser.add_argument("--samples", type=Path, help="scored samples (.jsonl/.parquet): no models needed")
+    parser.add_argument(
+        "--policy", type=Path, action="append", default=[], help="a policy to sample; repeatable"
+    )
+    parser.add_argument("--reference", type=Path, help="the policy KL and win rates are measured against")
+    parser.add_argument("--reward-model", type=Path, help="scores the samples drawn from models")
+    parser.add_argument("--prompts", type=Path, help='JSONL, a "prompt" (string or messages) per line')
+    parser.add_argument("-k", type=int, default=16, help="samples per prompt and policy; N goes up to K")
+    parser.add_argument("--max-tokens", type=int, default=16, help="tokens per sample")
+    parser.add_argument("--seed", type=int, default=0, help="seeds the sampling")
+    parser.add_argument("--gold", choices=GOLD_SCORERS, help="a gold scorer: demo = bon demo's suite")
+    parser.add_argument("--torch-threads", type=int, default=0, help=THREADS_HELP)
+    return parser
+
+
+@dataclass
+class DemoConfig:
+    output: Path
+    seed: int = 0
+    n: int = 16  # best-of-N measured on held-out prompts
+    prompts_per_task: int = 8000
+    mistake_rate: float = 0.35  # share of SFT demonstrations that answer wrong
+    rm_samples: int = 8  # candidates per prompt ranked by the gold scorer for RM training
+    rm_prompts: int = 8000
+    rounds: int = 3
+    round_prompts: int = 1200  # training-split prompts sent through the server per RAFT round
+    serve_best_of: int = 8
+    max_new_tokens: int = 8
+    arch: str = "llama"  # learned both tasks in 3 epochs, where GPT-2 needed 20 (DEVELOPERS.md)
+    hidden: int = 128
+    layers: int = 4
+    sft_epochs: int = 3
+    sft_learning_rate: float = 2e-3
+    rm_epochs: int = 3
+    rm_learning_rate: float = 1e-3
+    rm_shrink: float = 0.5  # start halfway from the SFT weights to a fresh init (DEVELOPERS.md)
+    raft_epochs: int = 2
+    raft_learning_rate: float = 2e-4
+
+
+DEMO_HELP = {
+    "seed": "seeds the data, every model and every sample",
+    "n": "best-of-N measured on the held-out prompts",
+    "prompts_per_task": "prompts made for each of the two tasks (training and held-out splits)",
+    "mistake_rate": "share of SFT demonstrations that answer wrong, for best-of-N to fix",
+    "rm_samples": "candidates per prompt ranked by the gold scorer for reward-model training",
+    "rm_prompts": "prompts whose ranked candidates train the reward model",
+    "rounds": "RAFT rounds through the server (0: stop after the reward model)",
+    "round_prompts": "training-split prompts sent through the HTTP API per RAFT round",
+    "serve_best_of": "best_of of the requests the demo sends the server",
+    "max_new_tokens": "tokens per sampled answer",
+    "arch": "policy and reward-model architecture",
+    "hidden": "hidden size of both tiny models",
+    "layers": "layers of both tiny models",
+    "sft_epochs": "SFT passes over the demonstrations",
+    "sft_learning_rate": "SFT peak learning rate",
+    "rm_epochs": "reward-model passes over its rankings",
+    "rm_learning_rate": "reward-model peak learning rate",
+    "rm_shrink": "start the RM this fraction of the way from the SFT weights to a fresh init",
+    "raft_epochs": "passes over each RAFT round's kept candidates",
+    "raft_learning_rate": "RAFT peak learning rate",
+}
+
+
+def demo_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="bon demo", description=module_doc("trainers.demo.pipeline"), formatter_class=HelpFormatter
+    )
+    required = parser.add_argument_group("required")
+    required.add_argument("--output", type=Path, required=True, help="directory for the models and demo.json")
+    for name, field in DemoConfig.__dataclass_fields__.items():
+        if name != "output":
+            choices = ["llama", "gpt2", "qwen2"] if name == "arch" else None
+            parser.add_argument(
+                "--" + name.replace("_", "-"),
+                type=type(field.default),
+                default=field.default,
+                choices=choices,
+                help=DEMO_HELP[name],
+            )
+    return parser
