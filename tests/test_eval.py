@@ -169,3 +169,38 @@ def test_kl_and_win_rates_from_models(models, tmp_path):
 def test_eval_refuses_half_given_modes(tmp_path):
     result = bon_eval("--output", tmp_path / "x")
     assert result.returncode == 2 and "--samples" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_eval_keeps_versions_whole_leaves_pruned_out_and_names_short_prompts(tmp_path):
+    """Two RAFT checkpoints in same-named directories whose versions share 20 characters stay two
+    entries; pruned (partial) candidates are no samples; one prompt with one sample no longer
+    pulls every prompt down to N = 1."""
+    rng = np.random.default_rng(3)
+    rows = []
+    for version in ("raft-20261206T050000-aaaaaa", "raft-20261206T050000-bbbbbb"):
+        policy = {"path": "/runs/a/published", "version": version}
+        for p in range(8):
+            rows += [
+                {"prompt": f"p{p}", "completion": f"c{i}", "reward": float(rng.random()), "policy": policy}
+                for i in range(8)
+            ]
+            rows.append(
+                {"prompt": f"p{p}", "completion": "cut", "reward": 9.0, "policy": policy, "pruned": True}
+            )
+        rows.append({"prompt": "lonely", "completion": "c", "reward": 0.1, "policy": policy})
+    source = tmp_path / "samples.jsonl"
+    source.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    result = bon_eval("--samples", source, "--output", tmp_path / "report")
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "report" / "eval.json").read_text())
+    assert sorted(report["policies"]) == [
+        "published@raft-20261206T050000-aaaaaa",
+        "published@raft-20261206T050000-bbbbbb",
+    ]
+    for policy in report["policies"].values():
+        assert policy["samples_per_prompt"] == 8 and policy["prompts"] == 8
+        assert list(policy["reward_at_n"]) == ["1", "2", "4", "8"]
+        assert policy["left_out"]["prompts"] == 1 and policy["left_out"]["examples"] == ["lonely"]
+        assert policy["reward_at_n"]["8"]["mean"] < 1.0  # the pruned 9.0s are not samples
+    assert "1 prompt(s) left out with fewer than 8 samples" in result.stderr
+    assert "left out 16 candidates that early rejection pruned" in result.stderr

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import statistics
+from collections import Counter
 from dataclasses import dataclass
 
 from trainers.data import Prompt
@@ -35,13 +36,30 @@ def _at_n(pools: list[Pool], ns: list[int], value) -> dict[str, dict[str, float]
     return {str(n): mean_with_interval([value(pool, n) for pool in pools], seed=n) for n in ns}
 
 
+def common_k(pools: list[Pool]) -> int:
+    """The sample count the report measures at: the most common one (the larger on a tie). A
+    prompt with fewer samples is left out rather than cutting every prompt's N down to its own."""
+    counts = Counter(len(p.rewards) for p in pools)
+    return max(counts, key=lambda count: (counts[count], count))
+
+
 def measure(pools: list[Pool], reference: list[Pool] | None = None) -> dict:
-    """Every measure of one policy. `reference`, aligned with `pools` by prompt, adds win rates."""
-    k = min(len(p.rewards) for p in pools)
+    """Every measure of one policy. `reference`, aligned with `pools` by prompt, adds win rates.
+    Prompts with fewer samples than most have are left out, and named in `left_out`."""
+    k = common_k(pools)
+    kept = [i for i, p in enumerate(pools) if len(p.rewards) >= k]
+    short = [pools[i] for i in range(len(pools)) if len(pools[i].rewards) < k]
+    pools = [pools[i] for i in kept]
+    reference = [reference[i] for i in kept] if reference is not None else None
     ns = powers_of_two(k)
     result: dict = {
         "prompts": len(pools),
         "samples_per_prompt": k,
+        "left_out": {
+            "prompts": len(short),
+            "why": f"fewer than {k} samples" if short else None,
+            "examples": [str(p.prompt)[:80] for p in short[:5]],
+        },
         "reward_at_n": _at_n(pools, ns, lambda p, n: expected_best_of_n(p.rewards, n)),
         "kl_bound_at_n": {str(n): kl_bound_at_n(n) for n in ns},
         "win_rate_ceiling_at_n": {str(n): win_rate_ceiling_at_n(n) for n in ns},

@@ -83,47 +83,62 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _series(result: dict, key: str) -> tuple[list[int], list[float], list[float], list[float]]:
+def _series(result: dict, key: str) -> tuple[list[int], list[float], list[list[float]]]:
+    """N, the means, and each 95 % interval as matplotlib's error-bar lengths below and above."""
     cells = result[key]
     ns = [int(n) for n in cells]
-    return (
-        ns,
-        [cells[str(n)]["mean"] for n in ns],
-        [cells[str(n)]["low"] for n in ns],
-        [cells[str(n)]["high"] for n in ns],
-    )
+    mean = [cells[str(n)]["mean"] for n in ns]
+    below = [cells[str(n)]["mean"] - cells[str(n)]["low"] for n in ns]
+    above = [cells[str(n)]["high"] - cells[str(n)]["mean"] for n in ns]
+    return ns, mean, [below, above]
 
 
-def _panels(report: dict, path: Path, draw, xlabel: str, title: str, log2_x: bool = False) -> None:
+def _panels(report: dict, path: Path, draw, xlabel: str, title: str, ns: list[int] | None = None) -> None:
     """One panel for the proxy reward and, where a gold scorer was given, one for gold;
-    `draw(ax, key)` plots every policy's series of `key` (reward_at_n or gold_at_n)."""
+    `draw(ax, key)` plots every policy's series of `key` (reward_at_n or gold_at_n). With `ns`
+    the x axis is N on a log scale, labelled 1, 2, 4... The legend goes under the panels: policy
+    names carry whole versions."""
     panels = [("reward_at_n", "proxy reward")]
     if any("gold_at_n" in r for r in report["policies"].values()):
         panels.append(("gold_at_n", "gold score"))
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.6), squeeze=False)
     for ax, (key, label) in zip(axes[0], panels, strict=True):
         draw(ax, key)
-        if log2_x:
+        if ns is not None:
             ax.set_xscale("log", base=2)
+            ax.set_xticks(ns, [str(n) for n in ns])
+            ax.minorticks_off()
         ax.set_xlabel(xlabel)
         ax.set_ylabel(f"{label} of the chosen sample")
         ax.set_title(f"{label} {title}")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=1, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.06 * len(labels), 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
+def _offsets(count: int, spread: float) -> list[float]:
+    """Multiplicative x offsets that set `count` policies' error bars side by side, not on top."""
+    return [spread ** (j - (count - 1) / 2) for j in range(count)]
+
+
 def plot_reward_vs_n(report: dict, path: Path) -> None:
+    """Each policy's mean with its 95 % interval as an error bar (overlapping bands hid each other)."""
+    names = list(report["policies"])
+    shift = dict(zip(names, _offsets(len(names), 1.06), strict=True))
+
     def draw(ax, key: str) -> None:
         for name, result in report["policies"].items():
             if key in result:
-                ns, mean, low, high = _series(result, key)
-                ax.plot(ns, mean, marker="o", label=name)
-                ax.fill_between(ns, low, high, alpha=0.2)
+                ns, mean, errors = _series(result, key)
+                ax.errorbar(
+                    [n * shift[name] for n in ns], mean, yerr=errors, marker="o", capsize=3, label=name
+                )
 
-    _panels(report, path, draw, "N (best of N)", "vs N", log2_x=True)
+    every_n = sorted({int(n) for r in report["policies"].values() for n in r["reward_at_n"]})
+    _panels(report, path, draw, "N (best of N)", "vs N (95 % intervals)", ns=every_n)
 
 
 def plot_reward_vs_kl(report: dict, path: Path) -> None:
@@ -132,17 +147,22 @@ def plot_reward_vs_kl(report: dict, path: Path) -> None:
     best-of-N on that policy to the reference."""
 
     def draw(ax, key: str) -> None:
+        labelled = False  # N once, on the first curve: on every curve the labels overlap
         for name, result in report["policies"].items():
             if key not in result:
                 continue
             base = result.get("kl_to_reference", {}).get("mean", 0.0)
-            ns, mean, _, _ = _series(result, key)
+            stderr = result.get("kl_to_reference", {}).get("stderr", 0.0)
+            ns, mean, errors = _series(result, key)
             kl = [base + result["kl_bound_at_n"][str(n)] for n in ns]
-            ax.plot(kl, mean, marker="o", label=name)
+            # x: 1.96 standard errors of the measured KL (the bound term is exact)
+            ax.errorbar(kl, mean, xerr=1.96 * stderr, yerr=errors, marker="o", capsize=3, label=name)
             for n, x, y in zip(ns, kl, mean, strict=True):
-                ax.annotate(f"N={n}", (x, y), fontsize=7, textcoords="offset points", xytext=(3, 3))
+                if not labelled:
+                    ax.annotate(f"N={n}", (x, y), fontsize=7, textcoords="offset points", xytext=(4, -10))
+            labelled = True
 
-    _panels(report, path, draw, "KL to the reference (nats): policy's own + best-of-N bound", "vs KL")
+    _panels(report, path, draw, "KL to the reference (nats): policy's own + best-of-N bound", "vs KL (95 %)")
 
 
 # Fewer n-grams than this (one-word answers have no bigrams) make a distinct-n ratio meaningless.
@@ -150,21 +170,32 @@ MIN_NGRAMS = 20
 
 
 def plot_diversity(report: dict, path: Path) -> None:
+    """Bars only for the n with enough n-grams for some policy (one-word answers have no bigrams:
+    empty distinct-2..4 slots said nothing); the title names what was left out."""
     names = list(report["policies"])
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    counts = {
+        n: [report["policies"][name]["diversity"][f"distinct_{n}"]["ngrams"] for name in names]
+        for n in range(1, 5)
+    }
+    shown = [n for n, per_policy in counts.items() if max(per_policy) >= MIN_NGRAMS]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4 + 0.25 * len(names)), sharey=True)
     width = 0.8 / len(names)
     for ax, scope in zip(axes, ("across_inputs", "per_input"), strict=True):
         for j, name in enumerate(names):
-            diversity = report["policies"][name]["diversity"]
-            cells = [diversity[f"distinct_{n}"] for n in range(1, 5)]
+            cells = [report["policies"][name]["diversity"][f"distinct_{n}"] for n in shown]
             values = [c[scope] if c["ngrams"] >= MIN_NGRAMS else 0.0 for c in cells]
-            ax.bar([n + (j - (len(names) - 1) / 2) * width for n in range(1, 5)], values, width, label=name)
-        ax.set_xticks(range(1, 5), [f"distinct-{n}" for n in range(1, 5)])
-        ax.set_title(f"diversity {scope.replace('_', ' ')} (no bar: under {MIN_NGRAMS} n-grams)")
+            ax.bar(
+                [x + (j - (len(names) - 1) / 2) * width for x in range(len(shown))], values, width, label=name
+            )
+        ax.set_xticks(range(len(shown)), [f"distinct-{n}" for n in shown])
+        left_out = [f"distinct-{n}" for n in range(1, 5) if n not in shown]
+        note = f"\n({', '.join(left_out)}: under {MIN_NGRAMS} n-grams, not shown)" if left_out else ""
+        ax.set_title(f"diversity {scope.replace('_', ' ')}{note}", fontsize=10)
         ax.set_ylim(0, 1.05)
         ax.grid(axis="y", alpha=0.3)
-    axes[0].legend(fontsize=8)
-    fig.tight_layout()
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=1, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.06 * len(labels), 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 

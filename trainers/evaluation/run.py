@@ -56,8 +56,10 @@ GOLD = {"demo": demo_gold}
 
 
 def _policy_name(policy: Any) -> str:
+    """A report entry's name; the whole version, so two RAFT checkpoints in same-named
+    directories whose versions share their first characters stay two entries."""
     if isinstance(policy, dict):  # export-samples: {"path", "version"}
-        return f"{Path(str(policy.get('path'))).name}@{str(policy.get('version'))[:12]}"
+        return f"{Path(str(policy.get('path'))).name}@{policy.get('version')}"
     return str(policy)
 
 
@@ -65,10 +67,14 @@ def pools_from_samples(path: Path, gold) -> dict[str, list[Pool]]:
     """Pools per policy, per prompt, in first-seen order."""
     table_format(path)
     policies: dict[str, dict[str, Pool]] = {}
+    pruned = 0
     for row in read_rows(path, window=4096):
         if isinstance(row, BadInput):
             raise row
         record, place = row.record, row.place
+        if record.get("pruned"):  # early rejection stopped it: a partial text, not a sample
+            pruned += 1
+            continue
         missing = [k for k in ("prompt", "completion", "reward") if k not in record]
         if missing:
             raise BadInput(
@@ -87,8 +93,10 @@ def pools_from_samples(path: Path, gold) -> dict[str, list[Pool]]:
             if gold is None and "gold" not in record:
                 raise BadInput(f'{place}: "gold" is missing here but given on other rows of this prompt')
             pool.gold.append(gold(prompt, record["completion"]) if gold else float(record["gold"]))
+    if pruned:
+        log.info("left out %d candidates that early rejection pruned (partial texts)", pruned)
     if not policies:
-        raise BadInput(f"{path}: no rows")
+        raise BadInput(f"{path}: no rows" + (f" but {pruned} pruned candidates" if pruned else ""))
     return {name: list(pools.values()) for name, pools in policies.items()}
 
 
@@ -187,6 +195,13 @@ def main(argv: list[str] | None = None) -> dict:
         "source": str(args.samples) if args.samples else {"reference": str(args.reference), "k": args.k},
         "policies": {name: measure(p, references) for name, p in pools.items()},
     }
+    for name, result in report["policies"].items():
+        if result["left_out"]["prompts"]:
+            log.warning(
+                "%s: %d prompt(s) left out with %s (%s...), so the others are measured up to N = %d",
+                name, result["left_out"]["prompts"], result["left_out"]["why"],
+                result["left_out"]["examples"][0], result["samples_per_prompt"],
+            )  # fmt: skip
     write_report(report, args.output)
     for name, result in report["policies"].items():
         largest = list(result["reward_at_n"])[-1]
