@@ -18,7 +18,7 @@ ENV DEBIAN_FRONTEND=noninteractive \
 # Unpinned apt packages: the distribution's security updates should land on every rebuild.
 # hadolint ignore=DL3008
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends python3 python3-venv curl ca-certificates \
+    && apt-get install -y --no-install-recommends python3 python3-venv ca-certificates \
     && rm -rf /var/lib/apt/lists/*
 
 WORKDIR /src
@@ -46,8 +46,10 @@ ENV BON_ENGINE=vllm \
     BON_SAMPLE_LOG=/data/bon-samples.db \
     HF_HUB_OFFLINE=1
 
-# /ready answers 200 only once both engines are loaded, warmed up and alive.
+# /ready answers 200 only once both engines are loaded, warmed up and alive (and the candidate log
+# commits). The check reads the port from the server's command line, so `docker run ... bon
+# --port 9000` is checked on 9000, not on ${BON_PORT}.
 HEALTHCHECK --interval=15s --timeout=5s --start-period=600s --retries=3 \
-    CMD ["sh", "-c", "curl -fsS http://127.0.0.1:${BON_PORT}/ready || exit 1"]
+    CMD ["python3", "-m", "bon.healthcheck"]
 
 ENTRYPOINT ["bon", "serve"]

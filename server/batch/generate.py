@@ -144,7 +144,7 @@ async def run(args) -> dict[str, Any]:
         service.sample_log.close()
     seconds = time.monotonic() - started
     return {
-        "sample_log": str(args.sample_log),
+        "sample_log": str(args.sample_log.resolve()),
         "job": prefix.rstrip("-"),
         "prompts_generated": generated,
         "prompts_already_logged": len(done),

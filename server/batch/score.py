@@ -225,7 +225,7 @@ async def run(args) -> dict[str, Any]:
     )
     journal = Journal(args.output, rank, world, identity)
     if args.resume and args.output.exists() and not journal.leftovers():
-        return {"output": str(args.output), "note": "already complete; nothing to do"}
+        return {"output": str(args.output.resolve()), "note": "already complete; nothing to do"}
     last_done = journal.open(args.resume)
     try:
         return await _score(args, rm, policy_tokenizer, journal, last_done, schema, rank, world)
@@ -249,10 +249,17 @@ async def _score(args, rm, policy_tokenizer, journal: Journal, last_done: int, s
         # so the event loop keeps feeding the scorer its chunks); the forward releases the GIL.
         in_flight: tuple[int, Scored, asyncio.Task] | None = None
 
+        def advance(rows: int) -> None:
+            bar.update(rows)
+            elapsed = time.monotonic() - started
+            bar.set_postfix_str(f"{job.tokens / max(elapsed, 1e-9):,.0f} tok/s (this process)")
+
         async def land() -> int:
+            """Wait for the window in flight, record it, and only then count it on the bar."""
             index, scored, scoring = in_flight
             await scoring
             journal.append(index, scored.records, scored.skipped)
+            advance(len(scored.records) + scored.skipped)
             return len(scored.records)
 
         try:
@@ -265,9 +272,8 @@ async def _score(args, rm, policy_tokenizer, journal: Journal, last_done: int, s
                     if in_flight is not None:
                         rows_scored += await land()
                     in_flight = (index, scored, asyncio.create_task(job.score(scored, args.batch_tokens)))
-                bar.update(len(window))
-                elapsed = time.monotonic() - started
-                bar.set_postfix_str(f"{job.tokens / max(elapsed, 1e-9):,.0f} tok/s (this process)")
+                else:  # done by an earlier run, or another process's
+                    advance(len(window))
             if in_flight is not None:
                 rows_scored += await land()
         except BaseException:
@@ -291,7 +297,7 @@ async def _score(args, rm, policy_tokenizer, journal: Journal, last_done: int, s
         schema,
     )
     return {
-        "output": str(args.output),
+        "output": str(args.output.resolve()),
         "rows": written,
         "skipped_bad_rows": skipped,
         "engine": engine,

@@ -209,4 +209,4 @@ def main(argv: list[str] | None = None) -> dict:
             "%s: reward@1 %.4f, reward@%s %.4f", name, result["reward_at_n"]["1"]["mean"], largest,
             result["reward_at_n"][largest]["mean"],
         )  # fmt: skip
-    return {"output": str(args.output), "files": ["eval.json", "report.md", *report["plots"]]}
+    return {"output": str(args.output.resolve()), "files": ["eval.json", "report.md", *report["plots"]]}
