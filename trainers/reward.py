@@ -24,6 +24,7 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+from transformers.utils import logging as hf_logging
 
 from server.checkpoints import checkpoint_dir
 from server.engines.hf.models import LastTokenReward, pad_right
@@ -143,6 +144,21 @@ def shrink_toward_fresh(model: PreTrainedModel, fraction: float, seed: int) -> N
             weight.lerp_(init, fraction)
 
 
+def policy_with_a_fresh_head(base: Path) -> PreTrainedModel:
+    """The policy's body under a new one-label score head. transformers reports the head's weights
+    as MISSING in a table that reads like an error; here it is the point, and one line says so."""
+    previous = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1)
+    finally:
+        hf_logging.set_verbosity(previous)
+    fresh = [name for name, _ in model.named_parameters() if name.split(".")[0] in ("score", "classifier")]
+    log.info("starting from %s with a fresh score head (%s): the reward model's only new weights",
+             base, ", ".join(fresh) or "none")  # fmt: skip
+    return model
+
+
 def train_reward_model(
     base: Path,
     groups: list[PreferenceGroup],
@@ -159,7 +175,7 @@ def train_reward_model(
     tokenizer = AutoTokenizer.from_pretrained(base)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1)
+    model = policy_with_a_fresh_head(base)
     model.config.pad_token_id = tokenizer.pad_token_id
     if shrink:
         shrink_toward_fresh(model, shrink, args.seed)
