@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import subprocess
 import time
 
@@ -212,3 +213,19 @@ def test_a_file_that_is_not_a_candidate_log_is_one_line(tmp_path, pair_gpt2_llam
     )
     assert deep_row.returncode == 2 and "Traceback" not in deep_row.stderr
     assert "prompts.jsonl:2: nested too deeply" in deep_row.stderr
+
+
+def test_the_bar_counts_rows_once_scored_and_the_summary_says_where_the_output_is(tmp_path, pair_gpt2_llama):
+    source = write_jsonl(tmp_path / "in.jsonl", rows(12))
+    result = subprocess.run(
+        [*BON, "score", "in.jsonl", "-o", "out.jsonl", "--reward-model", str(pair_gpt2_llama.reward_model),
+         "--window-rows", "4"],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads(result.stdout)["output"] == str((tmp_path / "out.jsonl").resolve())
+    # Every count the bar shows past 0 comes with the tokens scored for it (it used to show 4/12 at
+    # 0 tok/s: rows counted when queued).
+    shown = re.findall(r"(\d+)/12 \[[^\]]*?([\d,]+) tok/s", result.stderr)
+    assert shown and all(int(tokens.replace(",", "")) > 0 for count, tokens in shown if int(count) > 0)
+    assert source.exists()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -246,6 +247,8 @@ def test_reward_training_on_a_few_groups_holds_one_out_or_says_it_cannot(models,
     three = bon("train", "rm", "--base", base, "--data", groups(3), "--output", str(tmp_path / "a"), *flags)
     assert three.returncode == 0, three.stderr[-2000:]
     assert "holding out 1 of 3 groups" in three.stderr
+    assert "LOAD REPORT" not in three.stderr and "MISSING" not in three.stderr
+    assert "with a fresh score head (score.weight)" in three.stderr
     assert "eval_accuracy" in json.loads(three.stdout[three.stdout.index("{") :])["result"]
     one = bon("train", "rm", "--base", base, "--data", groups(1), "--output", str(tmp_path / "b"), *flags)
     assert one.returncode == 0, one.stderr[-2000:]
@@ -301,6 +304,8 @@ def test_raft_warns_when_it_keeps_the_best_of_bad_candidates(models, tmp_path):
     assert (
         "1 of the 3 kept samples score below the median" in warned.stderr and "--min-reward" in warned.stderr
     )
+    # The window as dates a person reads, not Unix floats.
+    assert re.search(r"window \(start of the log, \d{4}-\d\d-\d\d \d\d:\d\d:\d\d\]", warned.stderr)
     quiet = bon(*source, "--output", str(tmp_path / "raft2"), "--min-reward", "0", "--max-length", "16")
     assert quiet.returncode == 0 and "below the median" not in quiet.stderr
     summary = json.loads(quiet.stdout[quiet.stdout.index("{") :])
