@@ -22,6 +22,8 @@ from bon.tiny_models import build_model, tokenizer_a, tokenizer_b
 # The engines every server of this run uses: `make test-vllm` sets BON_ENGINE=vllm and
 # BON_REWARD_ENGINE=vllm, which `bon serve` reads like any flag, so the same tests run on both.
 ENGINE = os.environ.get("BON_ENGINE", "transformers")
+# What no engine touches runs once, in `make test`; `make test-vllm` skips it.
+same_on_every_engine = pytest.mark.skipif(ENGINE != "transformers", reason="engine-independent: make test")
 
 
 @dataclass

@@ -10,7 +10,7 @@ import sys
 
 import pyarrow.parquet as pq
 import pytest
-from conftest import API_KEYS, Pair, serve_command
+from conftest import API_KEYS, Pair, same_on_every_engine, serve_command
 
 from server.log.sample_log import read_records
 
@@ -235,6 +235,7 @@ def test_trainer_mistakes_are_one_line_not_a_traceback(models, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@same_on_every_engine
 def test_reward_training_on_a_few_groups_holds_one_out_or_says_it_cannot(models, tmp_path):
     def groups(count: int):
         data = tmp_path / f"prefs{count}.jsonl"
@@ -312,6 +313,7 @@ def test_raft_warns_when_it_keeps_the_best_of_bad_candidates(models, tmp_path):
     assert summary["data"]["samples_kept"] == 2 and summary["data"]["samples_seen"] == 6
 
 
+@same_on_every_engine
 @pytest.mark.parametrize(
     "argv",
     [["--help"], ["serve", "--help"], ["train", "--help"], ["train", "rm", "--help"],
@@ -332,6 +334,7 @@ def test_help_and_usage_errors_answer_before_torch_is_imported(argv):
     assert code == expected, result.stdout[-2000:] + result.stderr[-2000:]
 
 
+@same_on_every_engine
 def test_every_flag_of_every_command_says_what_it_does():
     import importlib
 
@@ -358,3 +361,27 @@ def test_the_container_health_check_reads_the_port_the_server_was_given(server):
     # A process without --port: BON_PORT is checked, and nothing listens there.
     unhealthy = subprocess.run([*check, str(os.getpid())], env=env, capture_output=True, text=True)
     assert unhealthy.returncode == 1 and "127.0.0.1:1/ready" in unhealthy.stderr
+
+
+@same_on_every_engine
+def test_readme_training_examples_run_as_written(tmp_path):
+    """The two commands under "Try it on the default pair", read from README and run on the
+    shipped samples; each writes a checkpoint the server's loaders accept."""
+    import shlex
+    from pathlib import Path
+
+    from server.policy import read_policy
+    from server.reward import read_reward_model
+
+    root = Path(__file__).resolve().parent.parent
+    readme = (root / "README.md").read_text()
+    block = readme.split("**Try it on the default pair**", 1)[1].split("```", 2)[1]
+    commands = [shlex.split(c) for c in block.replace("\\\n", " ").splitlines() if c.strip()]
+    assert [c[:3] for c in commands] == [[".venv/bin/bon", "train", "sft"], [".venv/bin/bon", "train", "rm"]]
+    for command in commands:
+        argv = [str(root / a) if a.startswith(("default-models/", "examples/")) else a for a in command[1:]]
+        result = subprocess.run([sys.executable, "-m", "bon", *argv], capture_output=True, text=True,
+                                timeout=600, cwd=tmp_path)  # fmt: skip
+        assert result.returncode == 0, result.stderr[-2000:]
+    read_policy(tmp_path / "sft-example")
+    assert read_reward_model(tmp_path / "rm-example").max_length > 0

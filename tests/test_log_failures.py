@@ -17,7 +17,7 @@ import time
 import httpx
 import pytest
 import torch
-from conftest import ENGINE, Pair, start_server, stop_server
+from conftest import ENGINE, Pair, same_on_every_engine, start_server, stop_server
 from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer
 
@@ -35,10 +35,6 @@ def logged(path) -> set[str]:
         return {row[0] for row in connection.execute("SELECT DISTINCT request_id FROM candidates")}
     finally:
         connection.close()
-
-
-# The log is the same whichever engine serves: `make test-vllm` runs only the reward-model tests.
-same_on_every_engine = pytest.mark.skipif(ENGINE != "transformers", reason="engine-independent: make test")
 
 
 @same_on_every_engine

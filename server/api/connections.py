@@ -15,20 +15,19 @@ Idle keep-alive connections still close after uvicorn's keep-alive timeout.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from server.api.errors import error_response
+
 log = logging.getLogger(__name__)
 
 HEADER_BYTES = 64 * 1024  # the request line and every header together
 
-_TOO_LARGE = json.dumps(
-    {"error": {"message": f"request headers over {HEADER_BYTES} bytes", "type": "invalid_request_error",
-               "param": None, "code": "headers_too_large"}}
-).encode()  # fmt: skip
+# Written to the socket by hand: the request never reaches the app, whose responses these are.
+_TOO_LARGE = error_response(431, f"request headers over {HEADER_BYTES} bytes", code="headers_too_large").body
 _TOO_LARGE_RESPONSE = (
     b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: application/json\r\n"
     b"connection: close\r\ncontent-length: " + str(len(_TOO_LARGE)).encode() + b"\r\n\r\n" + _TOO_LARGE

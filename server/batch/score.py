@@ -213,7 +213,9 @@ async def run(args) -> dict[str, Any]:
     # Decided before any scoring: a field whose type changes between rows fails now.
     schema = (
         output_schema(
-            args.input, args.window_rows, {"reward": pa.float64(), "rewards": pa.list_(pa.float64())}
+            args.input,
+            args.window_rows,
+            {"response": ("reward", pa.float64()), "responses": ("rewards", pa.list_(pa.float64()))},
         )
         if table_format(args.output) == "parquet"
         else None
