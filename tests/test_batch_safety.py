@@ -23,7 +23,7 @@ def rows(count: int, **extra) -> list[dict]:
 
 
 def test_a_second_run_on_the_same_output_is_refused_naming_the_holder(tmp_path, pair_gpt2_llama):
-    source = write_jsonl(tmp_path / "in.jsonl", rows(3000))
+    source = write_jsonl(tmp_path / "in.jsonl", rows(12000))
     out = tmp_path / "out.jsonl"
     flags = [
         "-o",
@@ -51,7 +51,7 @@ def test_a_second_run_on_the_same_output_is_refused_naming_the_holder(tmp_path, 
         first_out, first_err = first.communicate(timeout=300)
     assert first.returncode == 0, first_err[-2000:]
     written = read_jsonl(out)
-    assert [r["id"] for r in written] == list(range(3000))
+    assert [r["id"] for r in written] == list(range(12000))
     assert not lock.exists()
 
 
