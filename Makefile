@@ -24,9 +24,10 @@ TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 TORCH_TAG := $(shell printf '%s' '$(TORCH_SPEC)' | cksum | cut -d' ' -f1)
 INSTALLED := $(VENV)/.installed-$(TORCH_TAG)
 INSTALLED_VLLM := $(VENV_VLLM)/.installed-$(TORCH_TAG)
-# $(call install_torch,PYTHON): the CPU index first where there is no GPU, the default otherwise.
+# $(call install_torch,PYTHON): the CPU index first where there is no GPU (one retry: an index
+# that cannot be reached should cost seconds, not pip's five backed-off retries), the default otherwise.
 install_torch = if command -v nvidia-smi >/dev/null 2>&1 \
-	|| ! $(1) -m pip install -q --index-url '$(TORCH_CPU_INDEX)' '$(TORCH_SPEC)'; then \
+	|| ! $(1) -m pip install -q --retries 1 --timeout 15 --index-url '$(TORCH_CPU_INDEX)' '$(TORCH_SPEC)'; then \
 	$(1) -m pip install -q '$(TORCH_SPEC)'; fi
 # The default pair: trained by `bon demo` and committed (about 5 MB); `make default-models` remakes it.
 MODELS ?= default-models
