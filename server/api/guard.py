@@ -101,39 +101,38 @@ class Guard:
                 break
         return b"".join(chunks)
 
-    async def _refuse(self, response, scope, receive, send) -> None:
+    async def _refuse(self, response, announced: int, scope, receive, send) -> None:
         """Answer without using the body. Up to a few times the limit, the body is read and thrown
         away, so that the client reads the answer rather than a connection reset mid-upload; past
-        that (or when it is slow to come, or announced larger) the connection is closed instead."""
-        if self._announced(scope) > DRAINED * self.max_body_bytes or not isinstance(
+        that (or when it is slow to come, or its Content-Length, `announced`, is larger) the
+        connection is closed instead."""
+        if announced > DRAINED * self.max_body_bytes or not isinstance(
             await self._read_body(receive, DRAINED * self.max_body_bytes, keep=False), bytes
         ):
             response.headers["Connection"] = "close"
         await response(scope, receive, send)
 
-    @staticmethod
-    def _announced(scope) -> int:
-        """The body's Content-Length, or 0 when it gives none."""
-        length = dict(scope["headers"]).get(b"content-length", b"")
-        return int(length) if length.isdigit() else 0
-
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = dict(scope["headers"])
+        length = headers.get(b"content-length", b"")
+        announced = int(length) if length.isdigit() else 0  # 0: none given (chunked, or no body)
         refusal = self._refusal(scope["path"], headers)
         if refusal is not None:
-            return await self._refuse(refusal, scope, receive, send)
+            return await self._refuse(refusal, announced, scope, receive, send)
 
         too_large = error_response(
             413, f"request body over {self.max_body_bytes} bytes (--max-body-bytes)", code="request_too_large"
         )
-        if self._announced(scope) > DRAINED * self.max_body_bytes:
-            too_large.headers["Connection"] = "close"  # not worth reading even to throw away
-            return await too_large(scope, receive, send)
-        body = await self._read_body(receive, self.max_body_bytes)
+        # Announced past what would be drained: refused (and closed) before reading a byte.
+        body = (
+            await self._read_body(receive, self.max_body_bytes)
+            if announced <= DRAINED * self.max_body_bytes
+            else None
+        )
         if body is None:
-            return await self._refuse(too_large, scope, receive, send)
+            return await self._refuse(too_large, announced, scope, receive, send)
         if isinstance(body, TimedOut):
             slow = error_response(
                 408,

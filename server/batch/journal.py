@@ -50,6 +50,11 @@ def job_identity(input_path: Path, **settings: Any) -> dict[str, Any]:
     return {"input": str(input_path.resolve()), "size": stat.st_size, "mtime": stat.st_mtime, **settings}
 
 
+def _line(entry: dict[str, Any]) -> str:
+    """One journal line."""
+    return json.dumps(entry) + "\n"
+
+
 def _fsync_append(path: Path, data: bytes) -> None:
     with path.open("ab") as f:
         f.write(data)
@@ -63,6 +68,9 @@ class Journal:
         self.part = self._part(rank)
         self.journal = self._journal(rank)
         self.windows: list[Window] = []
+        self.started_here = False  # whether this run created the files (its failure removes them)
+        self._lock_file: Path | None = None
+        self._lock_handle = None  # the open lock file, held until `unlock`
 
     def _part(self, rank: int) -> Path:
         return self.output.with_name(f"{self.output.name}.part{rank}")
@@ -100,7 +108,7 @@ class Journal:
         self._lock_file, self._lock_handle = path, handle
 
     def unlock(self) -> None:
-        if getattr(self, "_lock_handle", None) is not None:
+        if self._lock_handle is not None:
             self._lock_file.unlink(missing_ok=True)
             self._lock_handle.close()
             self._lock_handle = None
@@ -108,7 +116,6 @@ class Journal:
     def open(self, resume: bool) -> int:
         """Start, or pick up where the journal ends; returns the last finished window (-1: none)."""
         self._lock()
-        self.started_here = False  # whether this run created the files (its failure removes them)
         if not resume:
             if self.output.exists():
                 raise BadInput(f"{self.output} exists; remove it or write elsewhere")
@@ -125,7 +132,7 @@ class Journal:
             self.started_here = not resume
             self.part.write_bytes(b"")
             self.journal.unlink(missing_ok=True)
-            _fsync_append(self.journal, (json.dumps({"job": self.identity}) + "\n").encode())
+            _fsync_append(self.journal, _line({"job": self.identity}).encode())
             return -1
         if entries[0].get("job") != self.identity:
             raise BadInput(
@@ -157,7 +164,7 @@ class Journal:
         if len(good) < len(windows):
             lines = [{"job": self.identity}, *({"window": w.__dict__} for w in good)]
             staging = self.journal.with_name(self.journal.name + ".rewrite")
-            staging.write_text("".join(json.dumps(line) + "\n" for line in lines))
+            staging.write_text("".join(map(_line, lines)))
             os.replace(staging, self.journal)
         return good
 
@@ -194,11 +201,11 @@ class Journal:
         _fsync_append(self.part, data)
         end = (self.windows[-1].end if self.windows else 0) + len(data)
         window = Window(index, len(records), end, skipped, hashlib.sha256(data).hexdigest())
-        _fsync_append(self.journal, (json.dumps({"window": window.__dict__}) + "\n").encode())
+        _fsync_append(self.journal, _line({"window": window.__dict__}).encode())
         self.windows.append(window)
 
     def finish(self, total_windows: int) -> None:
-        _fsync_append(self.journal, (json.dumps({"done": total_windows}) + "\n").encode())
+        _fsync_append(self.journal, _line({"done": total_windows}).encode())
 
     def _done(self, rank: int) -> int | None:
         path = self._journal(rank)
