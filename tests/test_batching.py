@@ -143,20 +143,31 @@ def test_a_short_request_finishes_while_a_long_one_decodes_and_draws_what_it_dra
 
 def test_a_job_that_breaks_its_batch_fails_alone():
     """The batch runs again job by job: the bad job's caller gets the error, the others results."""
-    from server.engines.hf.batching import TokenBudgetBatcher
+    from server.engines.scheduler import Scheduler
 
     calls = []
 
-    def run_batch(jobs: list[str]) -> list[str]:
-        calls.append(list(jobs))
-        if "bad" in jobs:
-            raise OverflowError("the bad job's numbers do not fit the batch's tensors")
-        return [job.upper() for job in jobs]
+    class Upper:
+        """A backend whose step finishes every job: its result is the job upper-cased."""
+
+        def joins(self, job, holding):
+            return True
+
+        def step(self, jobs: list[str]) -> list[tuple[str, str]]:
+            calls.append(list(jobs))
+            if "bad" in jobs:
+                raise OverflowError("the bad job's numbers do not fit the batch's tensors")
+            return [(job, job.upper()) for job in jobs]
+
+        def alone(self, job: str) -> str:
+            [(_, result)] = self.step([job])
+            return result
+
+        def reset(self):
+            pass
 
     async def scenario():
-        batcher = TokenBudgetBatcher(
-            run_batch, max_batch_tokens=100, max_queued=8, stage="sampling", gather_seconds=0.05
-        )
+        batcher = Scheduler(Upper(), max_batch_tokens=100, max_queued=8, stage="sampling", gather_seconds=0.05)
         results = await asyncio.gather(
             *(batcher.submit(job, cost=1, sequences=1) for job in ("a", "bad", "b")), return_exceptions=True
         )

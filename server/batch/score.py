@@ -41,7 +41,7 @@ from server.batch.tables import (
     table_format,
     windows,
 )
-from server.engines.hf.scorer import token_budget_chunks
+from server.engines.hf.scorer import padded_tokens, token_budget_chunks
 from server.policy import read_policy
 from server.prompts import scoring_chars, scoring_input, unicode_text
 from server.reward import RewardModelInfo, check_finite, read_reward_model
@@ -149,9 +149,7 @@ class ScoreJob:
         by_length = [scored.inputs[i] for i in order]
         rewards = check_finite(await self.scorer.score(by_length, self.weights), self.rm.path)
         self.tokens += sum(len(ids) for ids in by_length)
-        self.padded_tokens += sum(
-            len(chunk) * max(map(len, chunk)) for chunk in token_budget_chunks(by_length, batch_tokens)
-        )
+        self.padded_tokens += sum(map(padded_tokens, token_budget_chunks(by_length, batch_tokens)))
         for position, reward in zip(order, rewards, strict=True):
             record_index, response_index = scored.owners[position]
             record = scored.records[record_index]

@@ -1,4 +1,5 @@
-"""The transformers engine behind the `RewardScorer` contract: batched across requests by tokens."""
+"""The transformers engine behind the `RewardScorer` contract: batched across requests by padded
+tokens, on the engine-independent scheduler."""
 
 from __future__ import annotations
 
@@ -6,8 +7,8 @@ import asyncio
 from dataclasses import dataclass
 from itertools import accumulate, pairwise
 
-from server.engines.hf.batching import TokenBudgetBatcher, group_by_identity
 from server.engines.hf.models import HFRewardModel, load_reward_weights
+from server.engines.scheduler import Scheduler
 from server.failures import CheckpointError, NonFiniteReward
 from server.reward import RewardModelInfo, check_finite, probe_input
 
@@ -33,12 +34,51 @@ def token_budget_chunks(inputs: list[list[int]], budget: int) -> list[list[list[
     return chunks
 
 
+def group_by_identity(items: list, key) -> dict[int, list[int]]:
+    """Indices of `items` grouped by id(key(item)), in order: one model call per loaded checkpoint,
+    since requests admitted across a reload may share a step."""
+    groups: dict[int, list[int]] = {}
+    for index, item in enumerate(items):
+        groups.setdefault(id(key(item)), []).append(index)
+    return groups
+
+
+def padded_tokens(chunk: list[list[int]]) -> int:
+    """What a forward over `chunk` computes: every row padded to the longest."""
+    return len(chunk) * max(map(len, chunk))
+
+
+class Forward:
+    """The scheduler's backend: one forward per reward model over every job admitted."""
+
+    def joins(self, job: ScoreJob, holding: ScoreJob | None) -> bool:
+        return True  # jobs on different reward models share a step, one forward each
+
+    def step(self, joining: list[ScoreJob]) -> list[tuple[ScoreJob, list[float]]]:
+        """Score every job's inputs in one forward per reward model and split the rewards per job."""
+        results: list[list[float]] = [[] for _ in joining]
+        for indices in group_by_identity(joining, lambda j: j.reward_model).values():
+            group = [joining[i] for i in indices]
+            rewards = group[0].reward_model.score([ids for job in group for ids in job.inputs])
+            bounds = [0, *accumulate(len(job.inputs) for job in group)]
+            for i, (start, end) in zip(indices, pairwise(bounds), strict=True):
+                results[i] = rewards[start:end]
+        return list(zip(joining, results, strict=True))
+
+    def alone(self, job: ScoreJob) -> list[float]:
+        [(_, rewards)] = self.step([job])
+        return rewards
+
+    def reset(self) -> None:
+        """Nothing is held between steps."""
+
+
 class TransformersScorer:
     def __init__(self, device: str, dtype: str, max_batch_tokens: int, max_queued: int):
         self.device, self.dtype = device, dtype
         self._max_batch_tokens = max_batch_tokens
-        self._batcher: TokenBudgetBatcher[ScoreJob, list[float]] = TokenBudgetBatcher(
-            self._run, max_batch_tokens, max_queued, stage="scoring"
+        self._scheduler: Scheduler[ScoreJob, list[float]] = Scheduler(
+            Forward(), max_batch_tokens, max_queued, stage="scoring"
         )
 
     def _load(self, info: RewardModelInfo) -> HFRewardModel:
@@ -52,17 +92,6 @@ class TransformersScorer:
     async def load(self, reward_model: RewardModelInfo) -> HFRewardModel:
         return await asyncio.to_thread(self._load, reward_model)
 
-    def _run(self, jobs: list[ScoreJob]) -> list[list[float]]:
-        """Score every job's inputs in one forward per reward model and split the rewards per job."""
-        results: list[list[float]] = [[] for _ in jobs]
-        for indices in group_by_identity(jobs, lambda j: j.reward_model).values():
-            group = [jobs[i] for i in indices]
-            rewards = group[0].reward_model.score([ids for job in group for ids in job.inputs])
-            bounds = [0, *accumulate(len(job.inputs) for job in group)]
-            for i, (start, end) in zip(indices, pairwise(bounds), strict=True):
-                results[i] = rewards[start:end]
-        return results
-
     async def score(self, inputs: list[list[int]], weights: object) -> list[float]:
         """Inputs go to the batcher in chunks of at most one batch budget, one after another: a
         large request takes turns with the others, and if its client leaves, the chunks not yet
@@ -70,7 +99,7 @@ class TransformersScorer:
         rewards: list[float] = []
         for chunk in token_budget_chunks(inputs, self._max_batch_tokens):
             job = ScoreJob(chunk, weights)
-            rewards += await self._batcher.submit(job, sum(len(ids) for ids in chunk), sequences=len(chunk))
+            rewards += await self._scheduler.submit(job, padded_tokens(chunk), sequences=len(chunk))
         return rewards
 
     async def release(self, weights: object) -> None:
@@ -80,4 +109,4 @@ class TransformersScorer:
         """Scoring runs in this process; a failing batch fails its requests, not the engine."""
 
     async def close(self) -> None:
-        await self._batcher.close()
+        await self._scheduler.close()
