@@ -167,7 +167,9 @@ def test_a_job_that_breaks_its_batch_fails_alone():
             pass
 
     async def scenario():
-        batcher = Scheduler(Upper(), max_batch_tokens=100, max_queued=8, stage="sampling", gather_seconds=0.05)
+        batcher = Scheduler(
+            Upper(), max_batch_tokens=100, max_queued=8, stage="sampling", gather_seconds=0.05
+        )
         results = await asyncio.gather(
             *(batcher.submit(job, cost=1, sequences=1) for job in ("a", "bad", "b")), return_exceptions=True
         )

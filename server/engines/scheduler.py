@@ -174,7 +174,9 @@ class Scheduler(Generic[Job, Result]):
         if len(held) == 1:
             self._answer(held[0], error)
             return
-        log.warning("a %s step of %d jobs failed (%r); running them one by one", self._stage, len(held), error)
+        log.warning(
+            "a %s step of %d jobs failed (%r); running them one by one", self._stage, len(held), error
+        )
         loop = asyncio.get_running_loop()
         for pending in held:
             if pending.future.cancelled():
