@@ -13,33 +13,38 @@ import logging
 from pathlib import Path
 
 from server import metrics
+from server.engines.contract import RewardScorer, Sampler
 from server.failures import ReloadRefused
-from server.policy import read_policy
-from server.reward import read_reward_model
-from server.service import BestOfN, Loaded
+from server.policy import PolicyInfo, read_policy
+from server.registry import Checkpoints, Loaded
+from server.reward import RewardModelInfo, read_reward_model
 
 log = logging.getLogger(__name__)
 
 
 class Reloader:
-    def __init__(self, service: BestOfN):
-        self.service = service
+    def __init__(self, checkpoints: Checkpoints, sampler: Sampler, scorer: RewardScorer):
+        self.checkpoints = checkpoints
+        self.sampler, self.scorer = sampler, scorer
         self._lock = asyncio.Lock()  # one reload at a time
         self._refused: set[Path] = set()  # watched directories that failed, not retried
 
-    async def _load(self, policy_dir: str | None, rm_dir: str | None) -> tuple[Loaded | None, Loaded | None]:
+    async def _load(
+        self, policy_dir: str | None, rm_dir: str | None
+    ) -> tuple[Loaded[PolicyInfo] | None, Loaded[RewardModelInfo] | None]:
         """Both new checkpoints loaded in their engines, or neither (what loaded is released)."""
-        policy = reward_model = None
+        policy: Loaded[PolicyInfo] | None = None
+        reward_model: Loaded[RewardModelInfo] | None = None
         try:
             if policy_dir:
-                info = await asyncio.to_thread(read_policy, policy_dir)
-                policy = Loaded(info, await self.service.sampler.load(info))
+                policy_info = await asyncio.to_thread(read_policy, policy_dir)
+                policy = Loaded(policy_info, await self.sampler.load(policy_info))
             if rm_dir:
-                info = await asyncio.to_thread(read_reward_model, rm_dir)
-                reward_model = Loaded(info, await self.service.scorer.load(info))
+                rm_info = await asyncio.to_thread(read_reward_model, rm_dir)
+                reward_model = Loaded(rm_info, await self.scorer.load(rm_info))
         except Exception:
             if policy is not None:
-                await self.service.sampler.release(policy.weights)
+                await self.sampler.release(policy.weights)
             raise
         return policy, reward_model
 
@@ -56,9 +61,12 @@ class Reloader:
                     f"checkpoint refused, still serving policy {still['policy']['path']} and reward model "
                     f"{still['reward_model']['path']}: {error}"
                 ) from error
-            old = self.service.policy, self.service.reward_model
-            await self.service.swap(policy, reward_model)
-            for role, new, previous in (("policy", policy, old[0]), ("reward_model", reward_model, old[1])):
+            old = self.checkpoints.current()
+            await self.checkpoints.swap(policy, reward_model)
+            for role, new, previous in (
+                ("policy", policy, old.policy.info),
+                ("reward_model", reward_model, old.reward_model.info),
+            ):
                 if new is not None:
                     metrics.MODEL_INFO.remove(role, str(previous.path), previous.version)
                     metrics.MODEL_INFO.labels(
@@ -69,12 +77,10 @@ class Reloader:
             return self.loaded()
 
     def loaded(self) -> dict:
+        now = self.checkpoints.current()
         return {
-            "policy": {"path": str(self.service.policy.path), "version": self.service.policy.version},
-            "reward_model": {
-                "path": str(self.service.reward_model.path),
-                "version": self.service.reward_model.version,
-            },
+            role: {"path": str(loaded.info.path), "version": loaded.info.version}
+            for role, loaded in (("policy", now.policy), ("reward_model", now.reward_model))
         }
 
     async def watch(self, directory: Path, interval: float) -> None:
@@ -85,7 +91,11 @@ class Reloader:
         """
         while True:
             newest = _newest_checkpoint(directory)
-            if newest is not None and newest != self.service.policy.path and newest not in self._refused:
+            if (
+                newest is not None
+                and newest != self.checkpoints.policy.info.path
+                and newest not in self._refused
+            ):
                 try:
                     await self.reload(policy_dir=str(newest))
                 except ReloadRefused as error:

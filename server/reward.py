@@ -13,33 +13,49 @@ input instead (400), since there the caller chose the text.
 
 from __future__ import annotations
 
-import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
 
 from server.checkpoints import (
+    PROBE_COMPLETION,
+    PROBE_PROMPT,
     checkpoint_dir,
     checkpoint_dtype,
     context_length,
     loading,
     max_text_chars,
     model_version,
+    pad_with_eos,
     weight_names,
 )
 from server.failures import CheckpointError, InvalidInput, NonFiniteReward
 
-log = logging.getLogger(__name__)
-
 Messages = list[dict[str, str]]
+
+
+@dataclass
+class Reward:
+    """A scorer's reading of one input: what selection ranks by, and what it was made of."""
+
+    value: float  # the reward candidates are ranked by
+    members: dict[str, float] = field(default_factory=dict)  # per reward model, raw, when several
+    steps: list[float] | None = None  # per step, from a process reward model
 
 
 @dataclass
 class RewardInput:
     token_ids: list[int]
     truncated: bool
+
+
+def fit_tail(token_ids: list[int], max_length: int) -> RewardInput:
+    """The RM length rule (this module's docstring), for the server and the trainers."""
+    if len(token_ids) <= max_length:
+        return RewardInput(token_ids, truncated=False)
+    return RewardInput(token_ids[-max_length:], truncated=True)
 
 
 def encode_completion(tokenizer: PreTrainedTokenizerBase, prompt: str, completion: str) -> list[int]:
@@ -101,9 +117,7 @@ class RewardModelInfo:
 
     def fit(self, token_ids: list[int]) -> RewardInput:
         """Apply the length rule of this module's docstring."""
-        if len(token_ids) <= self.max_length:
-            return RewardInput(token_ids, truncated=False)
-        return RewardInput(token_ids[-self.max_length :], truncated=True)
+        return fit_tail(token_ids, self.max_length)
 
 
 HEADS = ("score", "classifier")  # what transformers names a sequence-classification head
@@ -127,11 +141,7 @@ def read_reward_model(path: str | Path) -> RewardModelInfo:
             f"reward model {directory} has no trained score head (no score.weight or classifier.weight "
             "in its weights); it looks like a causal LM, not a sequence-classification checkpoint"
         )
-    if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
-        log.warning(
-            "reward model tokenizer has no pad token; using eos (%s) for padding", tokenizer.eos_token
-        )
-        tokenizer.pad_token = tokenizer.eos_token
+    pad_with_eos(tokenizer, "reward model")
     context = context_length(config, tokenizer)
     return RewardModelInfo(
         path=directory,
@@ -143,9 +153,9 @@ def read_reward_model(path: str | Path) -> RewardModelInfo:
     )
 
 
-def check_finite(rewards: list[float], reward_model: Path) -> list[float]:
+def check_finite(rewards: list[Reward], reward_model: Path) -> list[Reward]:
     """`rewards` as they are, or NonFiniteReward naming the model and how many inputs it failed."""
-    bad = [r for r in rewards if not math.isfinite(r)]
+    bad = [r.value for r in rewards if not math.isfinite(r.value)]
     if bad:
         raise NonFiniteReward(
             f"the reward model {reward_model} gave {len(bad)} of {len(rewards)} inputs a non-finite "
@@ -156,4 +166,4 @@ def check_finite(rewards: list[float], reward_model: Path) -> list[float]:
 
 def probe_input(reward_model: RewardModelInfo) -> list[int]:
     """The input every engine test-runs a freshly loaded reward model on."""
-    return reward_model.encode("Hello", None, " world")
+    return reward_model.encode(PROBE_PROMPT, None, PROBE_COMPLETION)

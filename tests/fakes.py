@@ -7,6 +7,7 @@ release, the greedy rule, failures) can be tested alone.
 from __future__ import annotations
 
 from server.engines.contract import Candidate, SampleRequest
+from server.reward import Reward
 
 
 class Handle:
@@ -61,6 +62,6 @@ class FakeScorer(FakeEngine):
     def reward(ids: list[int]) -> float:
         return float(len(ids) % 5) - 0.1 * len(ids)
 
-    async def score(self, inputs: list[list[int]], weights) -> list[float]:
+    async def score(self, inputs: list[list[int]], weights) -> list[Reward]:
         self.calls.append((inputs, weights))
-        return [self.reward(ids) for ids in inputs]
+        return [Reward(self.reward(ids)) for ids in inputs]

@@ -200,7 +200,7 @@ def test_a_large_score_request_goes_in_budget_sized_chunks_and_stops_when_its_cl
 
     async def scenario():
         scorer = TransformersScorer("cpu", "auto", max_batch_tokens=8, max_queued=8)
-        assert await scorer.score(inputs, Weights()) == [3.0, 4.0, 2.0, 6.0, 1.0, 9.0]
+        assert [r.value for r in await scorer.score(inputs, Weights())] == [3.0, 4.0, 2.0, 6.0, 1.0, 9.0]
         done = Weights.calls
         task = asyncio.create_task(scorer.score(inputs * 10, Weights()))
         await asyncio.sleep(0.12)

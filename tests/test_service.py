@@ -12,12 +12,16 @@ from fakes import FakeSampler, FakeScorer
 
 from bon.tiny_models import tokenizer_a, tokenizer_b
 from server import failures
+from server.admission import Admission, Limits
 from server.api.errors import FAILURES, failure_response
+from server.assembly import Service
 from server.engines.contract import SamplingParams
 from server.log.sample_log import CompletionRecord, RequestRecord, SampleLog, read_records
 from server.policy import PolicyInfo
+from server.prompts import text_prompt
+from server.registry import Checkpoints, Loaded
 from server.reward import RewardModelInfo
-from server.service import BestOfN, Loaded
+from server.service import BestOfN
 
 
 @pytest.fixture(scope="module")
@@ -33,20 +37,26 @@ def rm_info(tokenizers, name="rm-v1") -> RewardModelInfo:
     return RewardModelInfo(Path(name), name, tokenizers[1], 64, "float32", 64 * 16)
 
 
-async def make_service(tokenizers, sampler, scorer, sample_log=None) -> BestOfN:
+async def make_service(tokenizers, sampler, scorer, sample_log=None) -> Service:
     policy, rm = policy_info(tokenizers), rm_info(tokenizers)
-    return BestOfN(
-        Loaded(policy, await sampler.load(policy)),
-        Loaded(rm, await scorer.load(rm)),
-        sampler,
-        scorer,
-        sample_log,
-        max_best_of=8,
-        max_batch_tokens=4096,
-        max_prompts=4,
-        max_score_inputs=8,
-        max_score_tokens=512,
+    admission = Admission(
+        Limits(max_best_of=8, max_batch_tokens=4096, max_prompts=4, max_score_inputs=8, max_score_tokens=512)
     )
+    checkpoints = Checkpoints(
+        Loaded(policy, await sampler.load(policy)), Loaded(rm, await scorer.load(rm)), sampler, scorer
+    )
+    return Service(checkpoints, admission, BestOfN(sampler, scorer, sample_log, admission))
+
+
+def text(service: Service, prompt: str):
+    """The prompt as the serving policy tokenizes it."""
+    return text_prompt(service.checkpoints.policy.info.tokenizer, prompt)
+
+
+async def run(service: Service, *args, **kwargs):
+    """One request through the pipeline, on the checkpoints it pins."""
+    async with service.checkpoints.pinned() as pinned:
+        return await service.best_of_n.run(pinned, *args, **kwargs)
 
 
 def test_returns_the_top_n_by_reward_and_logs_every_candidate(tokenizers, tmp_path):
@@ -55,8 +65,8 @@ def test_returns_the_top_n_by_reward_and_logs_every_candidate(tokenizers, tmp_pa
 
     async def scenario():
         service = await make_service(tokenizers, sampler, scorer, sample_log)
-        prompt = service.text_prompt("the cat")
-        return await service.run("req-1", [prompt], SamplingParams(max_tokens=4), n=2, best_of=6, log=True)
+        prompt = text(service, "the cat")
+        return await run(service, "req-1", [prompt], SamplingParams(max_tokens=4), n=2, best_of=6, log=True)
 
     [result] = asyncio.run(scenario())
     sample_log.close()
@@ -80,7 +90,7 @@ def test_greedy_decodes_one_row_and_repeats_it_for_best_of(tokenizers):
     async def scenario():
         service = await make_service(tokenizers, sampler, scorer)
         params = SamplingParams(max_tokens=4, temperature=0)
-        return await service.run("r", [service.text_prompt("x")], params, n=1, best_of=5, log=False)
+        return await run(service, "r", [text(service, "x")], params, n=1, best_of=5, log=False)
 
     [result] = asyncio.run(scenario())
     assert [r.n for r in sampler.requests] == [1]
@@ -94,21 +104,22 @@ def test_a_pinned_request_keeps_its_checkpoints_and_the_old_ones_are_released_af
 
     async def scenario():
         service = await make_service(tokenizers, sampler, scorer)
-        old_policy, old_rm = service.loaded_policy.weights, service.loaded_reward_model.weights
-        async with service.pinned() as view:
+        old_policy, old_rm = service.checkpoints.policy.weights, service.checkpoints.reward_model.weights
+        async with service.checkpoints.pinned() as pinned:
             new_policy = policy_info(tokenizers, "policy-v2")
             new_rm = rm_info(tokenizers, "rm-v2")
-            await service.swap(
+            await service.checkpoints.swap(
                 Loaded(new_policy, await sampler.load(new_policy)), Loaded(new_rm, await scorer.load(new_rm))
             )
             assert sampler.released == [] and scorer.released == []  # the view still holds them
-            await view.run("r", [view.text_prompt("x")], SamplingParams(max_tokens=2), 1, 2, log=False)
+            prompt = text(service, "x")
+            await service.best_of_n.run(pinned, "r", [prompt], SamplingParams(max_tokens=2), 1, 2, log=False)
             assert sampler.requests[-1].weights is old_policy and scorer.calls[-1][1] is old_rm
-            assert view.fingerprint == "bon-policy-v1-rm-v1"
+            assert pinned.fingerprint == "bon-policy-v1-rm-v1"
         assert sampler.released == [old_policy] and scorer.released == [old_rm]
-        await service.run("r", [service.text_prompt("x")], SamplingParams(max_tokens=2), 1, 2, log=False)
+        await run(service, "r", [text(service, "x")], SamplingParams(max_tokens=2), 1, 2, log=False)
         assert sampler.requests[-1].weights.path == Path("policy-v2")
-        assert service.fingerprint == "bon-policy-v2-rm-v2"
+        assert service.checkpoints.current().fingerprint == "bon-policy-v2-rm-v2"
 
     asyncio.run(scenario())
 
@@ -118,9 +129,9 @@ def test_an_unheld_checkpoint_is_released_at_the_swap(tokenizers):
 
     async def scenario():
         service = await make_service(tokenizers, sampler, scorer)
-        old = service.loaded_policy.weights
+        old = service.checkpoints.policy.weights
         new = policy_info(tokenizers, "policy-v2")
-        await service.swap(Loaded(new, await sampler.load(new)))
+        await service.checkpoints.swap(Loaded(new, await sampler.load(new)))
         assert sampler.released == [old] and scorer.released == []
 
     asyncio.run(scenario())
@@ -131,7 +142,7 @@ def test_engine_failures_reach_the_caller_as_they_were_raised(tokenizers):
 
     async def scenario():
         service = await make_service(tokenizers, sampler, FakeScorer())
-        await service.run("r", [service.text_prompt("x")], SamplingParams(max_tokens=2), 1, 2, log=False)
+        await run(service, "r", [text(service, "x")], SamplingParams(max_tokens=2), 1, 2, log=False)
 
     with pytest.raises(failures.Overloaded):
         asyncio.run(scenario())
@@ -140,12 +151,12 @@ def test_engine_failures_reach_the_caller_as_they_were_raised(tokenizers):
 def test_best_of_and_context_limits_are_invalid_input_naming_the_field(tokenizers):
     async def scenario():
         service = await make_service(tokenizers, FakeSampler(), FakeScorer())
-        prompt = service.text_prompt("the cat")
+        prompt = text(service, "the cat")
         with pytest.raises(failures.InvalidInput) as over:
-            service.check_best_of(9, SamplingParams(max_tokens=2), [prompt])
+            service.admission.check_best_of(9, SamplingParams(max_tokens=2), [prompt])
         assert over.value.field == "best_of"
         with pytest.raises(failures.ContextTooLong) as long:
-            service.resolve_max_tokens([prompt], 100, 16)
+            service.admission.resolve_max_tokens(service.checkpoints.policy.info, [prompt], 100, 16)
         assert long.value.field == "max_tokens" and "maximum context length is 64" in long.value.message
 
     asyncio.run(scenario())
@@ -172,9 +183,9 @@ def test_each_request_stores_its_parameters_and_prompts_once(tokenizers, tmp_pat
 
     async def scenario():
         service = await make_service(tokenizers, FakeSampler(), FakeScorer(), sample_log)
-        prompts = [service.text_prompt("the cat"), service.text_prompt("a dog")]
-        await service.run(
-            "req-1", prompts, SamplingParams(max_tokens=4, stop=stops), n=1, best_of=8, log=True
+        prompts = [text(service, "the cat"), text(service, "a dog")]
+        await run(
+            service, "req-1", prompts, SamplingParams(max_tokens=4, stop=stops), n=1, best_of=8, log=True
         )
 
     asyncio.run(scenario())
@@ -277,9 +288,9 @@ def test_a_refused_prompt_cancels_the_request_s_other_prompts(tokenizers):
 
     async def scenario():
         service = await make_service(tokenizers, sampler, FakeScorer())
-        prompts = [service.text_prompt("first"), service.text_prompt("second one")]
+        prompts = [text(service, "first"), text(service, "second one")]
         with pytest.raises(failures.Overloaded):
-            await service.run("r", prompts, SamplingParams(max_tokens=2), 1, 1, log=False)
+            await run(service, "r", prompts, SamplingParams(max_tokens=2), 1, 1, log=False)
         await asyncio.wait_for(sampler.cancelled.wait(), 1)
 
     asyncio.run(scenario())

@@ -19,13 +19,14 @@ from server.api.guard import Guard
 from server.api.openapi import describe, errors_of
 from server.api.responses import Health, Ready
 from server.api.routes import admin, router
-from server.assembly import start_service
+from server.assembly import Service, start_service
+from server.checkpoints import PROBE_PROMPT
 from server.engines.contract import RewardScorer, Sampler, SamplingParams
 from server.failures import EngineDead, LogBehind, NotReady
-from server.policy import PolicyInfo
+from server.policy import PolicyInfo, probe_ids
+from server.prompts import Prompt
 from server.reload import Reloader
 from server.reward import RewardModelInfo
-from server.service import BestOfN
 from server.settings import Settings
 
 __version__ = version("bon")
@@ -72,13 +73,17 @@ def _described(app: FastAPI, model_name: str, keyed: bool, public_metrics: bool)
     return app.openapi_schema
 
 
-async def _warm_up(app: FastAPI, service: BestOfN) -> None:
+async def _warm_up(app: FastAPI, service: Service) -> None:
     """One forward through each model, so /ready means a request will not pay first-call costs."""
     try:
-        prompt = service.text_prompt("Hello")
-        await service.run("warmup", [prompt], SamplingParams(max_tokens=1), n=1, best_of=1, log=False)
+        async with service.checkpoints.pinned() as pinned:
+            policy = pinned.policy.info
+            prompt = Prompt(probe_ids(policy.tokenizer), PROBE_PROMPT)
+            await service.best_of_n.run(
+                pinned, "warmup", [prompt], SamplingParams(max_tokens=1), n=1, best_of=1, log=False
+            )
         app.state.ready = True
-        log.info("ready: policy %s, reward model %s", service.policy.path, service.reward_model.path)
+        log.info("ready: policy %s, reward model %s", policy.path, pinned.reward_model.info.path)
     except Exception:
         log.exception("warm-up failed; the server stays not ready")
 
@@ -102,7 +107,7 @@ def build_app(
         service = await start_service(settings, policy, reward_model, sampler, scorer)
         sample_log = service.sample_log
         app.state.service = service
-        app.state.reloader = reloader = Reloader(service)
+        app.state.reloader = reloader = Reloader(service.checkpoints, sampler, scorer)
         watcher = (
             asyncio.create_task(reloader.watch(settings.watch, settings.watch_interval_seconds))
             if settings.watch
@@ -142,9 +147,9 @@ def build_app(
         candidate log commits."""
         if not app.state.ready:
             return failure_response(NotReady("warming up"))
-        service: BestOfN = app.state.service
+        service: Service = app.state.service
         try:
-            await service.check()
+            await service.best_of_n.check()
             if service.sample_log is not None:
                 service.sample_log.check()
         except (EngineDead, LogBehind) as failure:
@@ -164,7 +169,7 @@ def build_app(
     app.include_router(router)
     app.include_router(admin)
     keyed = bool(settings.api_key)
-    app.openapi = lambda: (
+    app.openapi = lambda: (  # type: ignore[method-assign]  # FastAPI's documented way to extend it
         app.openapi_schema or _described(app, settings.model_name, keyed, settings.public_metrics)
     )
     app.add_middleware(

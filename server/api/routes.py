@@ -12,6 +12,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 
+from server.admission import Admission
 from server.api.errors import APIError
 from server.api.openapi import ADMIN_ERRORS, V1_ERRORS, errors_of
 from server.api.protocol import (
@@ -34,30 +35,37 @@ from server.api.responses import (
     chat_body,
     completion_body,
 )
+from server.assembly import Service
 from server.engines.contract import SamplingParams
 from server.failures import NotReady
 from server.log.sample_log import FeedbackRecord
-from server.service import BestOfN
+from server.registry import Pinned
+from server.selection import dense_ranks
 
 # How often a waiting handler checks whether its client is still there.
 DISCONNECT_POLL_SECONDS = 0.1
 
 
-async def _service(request: Request) -> AsyncIterator[BestOfN]:
+def _service(request: Request) -> Service:
     if not request.app.state.ready:
         raise NotReady("the models are still warming up; retry shortly")
-    # Pinned: this request keeps its policy and reward model even if a reload lands meanwhile.
-    async with request.app.state.service.pinned() as service:
-        yield service
+    return request.app.state.service
 
 
-Service = Annotated[BestOfN, Depends(_service)]
+async def _pinned(request: Request) -> AsyncIterator[Pinned]:
+    # This request keeps its policy and reward model even if a reload lands meanwhile.
+    async with _service(request).checkpoints.pinned() as pinned:
+        yield pinned
 
 
-def _check_model(request: Request, service: BestOfN, model: str | None) -> None:
+Checkpoints = Annotated[Pinned, Depends(_pinned)]
+Parts = Annotated[Service, Depends(_service)]
+
+
+def _check_model(request: Request, pinned: Pinned, model: str | None) -> None:
     """The served name, or the path of the policy this request runs on (it changes on reload)."""
     name = request.app.state.model_name
-    if model is not None and model not in (name, str(service.policy.path)):
+    if model is not None and model not in (name, str(pinned.policy.info.path)):
         raise APIError(
             404,
             f"the model {model!r} does not exist; this server serves {name!r}",
@@ -85,36 +93,38 @@ async def _until_disconnect(request: Request, work):
 router = APIRouter(prefix="/v1", responses=errors_of(*V1_ERRORS))
 
 
-def _model_card(request: Request, service: BestOfN) -> ModelCard:
+def _model_card(request: Request, pinned: Pinned) -> ModelCard:
+    policy, reward_model = pinned.policy.info, pinned.reward_model.info
     return ModelCard(
         id=request.app.state.model_name,
         object="model",
         created=request.app.state.started,
         owned_by="bon",
-        root=str(service.policy.path),
-        policy_version=service.policy.version,
-        reward_model=str(service.reward_model.path),
-        reward_model_version=service.reward_model.version,
+        root=str(policy.path),
+        policy_version=policy.version,
+        reward_model=str(reward_model.path),
+        reward_model_version=reward_model.version,
     )
 
 
 @router.get("/models")
-async def list_models(request: Request, service: Service) -> ModelList:
+async def list_models(request: Request, pinned: Checkpoints) -> ModelList:
     """The served model, with the loaded policy and reward-model versions."""
-    return ModelList(object="list", data=[_model_card(request, service)])
+    return ModelList(object="list", data=[_model_card(request, pinned)])
 
 
 @router.get("/models/{model}")
-async def retrieve_model(model: str, request: Request, service: Service) -> ModelCard:
+async def retrieve_model(model: str, request: Request, pinned: Checkpoints) -> ModelCard:
     """The served model, by its name (what the openai client's models.retrieve asks)."""
-    _check_model(request, service, model)
-    return _model_card(request, service)
+    _check_model(request, pinned, model)
+    return _model_card(request, pinned)
 
 
-def _params(request: Request, service: Service, body, prompts) -> SamplingParams:
-    max_tokens = service.resolve_max_tokens(prompts, body.max_tokens, request.app.state.default_max_tokens)
+def _params(request: Request, admission: Admission, pinned: Pinned, body, prompts) -> SamplingParams:
+    default = request.app.state.default_max_tokens
+    max_tokens = admission.resolve_max_tokens(pinned.policy.info, prompts, body.max_tokens, default)
     params = body.sampling_params(max_tokens)
-    service.check_best_of(body.best_of, params, prompts)
+    admission.check_best_of(body.sampled, params, prompts)
     return params
 
 
@@ -123,58 +133,64 @@ def _maybe_stream(body: CompletionResponse | ChatCompletionResponse, stream: boo
 
 
 @router.post("/completions", response_model=CompletionResponse, response_model_exclude_unset=True)
-async def completions(body: CompletionRequest, request: Request, service: Service):
+async def completions(body: CompletionRequest, request: Request, pinned: Checkpoints, service: Parts):
     """Best-of-N text completion for one prompt or a list of prompts."""
     body.refuse_unsupported()
-    _check_model(request, service, body.model)
-    prompts = await service.text_prompts(body.prompts())
-    params = _params(request, service, body, prompts)
+    _check_model(request, pinned, body.model)
+    prompts = await service.admission.text_prompts(pinned.policy.info, body.prompts())
+    params = _params(request, service.admission, pinned, body, prompts)
     request_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-    results = await _until_disconnect(
-        request, service.run(request_id, prompts, params, body.n, body.best_of, body.log, body.rejection())
+    run = service.best_of_n.run(
+        pinned, request_id, prompts, params, body.n, body.sampled, body.log, body.rejection()
     )
+    results = await _until_disconnect(request, run)
     response = completion_body(
-        request_id, created, body.model, service.fingerprint, results, body.n, body.return_candidates
+        request_id, created, body.model, pinned.fingerprint, results, body.n, body.return_candidates
     )
     return _maybe_stream(response, body.stream)
 
 
 @router.post("/chat/completions", response_model=ChatCompletionResponse, response_model_exclude_unset=True)
-async def chat_completions(body: ChatCompletionRequest, request: Request, service: Service):
+async def chat_completions(
+    body: ChatCompletionRequest, request: Request, pinned: Checkpoints, service: Parts
+):
     """Best-of-N chat completion; the RM reads the conversation through its own chat template."""
     body.refuse_unsupported()
-    _check_model(request, service, body.model)
-    prompt = await service.chat_prompt([m.plain() for m in body.messages])
-    params = _params(request, service, body, [prompt])
+    _check_model(request, pinned, body.model)
+    prompt = await service.admission.chat_prompt(pinned.policy.info, [m.plain() for m in body.messages])
+    params = _params(request, service.admission, pinned, body, [prompt])
     request_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-    [result] = await _until_disconnect(
-        request, service.run(request_id, [prompt], params, body.n, body.best_of, body.log, body.rejection())
+    run = service.best_of_n.run(
+        pinned, request_id, [prompt], params, body.n, body.sampled, body.log, body.rejection()
     )
-    response = chat_body(request_id, created, body.model, service.fingerprint, result, body.return_candidates)
+    [result] = await _until_disconnect(request, run)
+    response = chat_body(request_id, created, body.model, pinned.fingerprint, result, body.return_candidates)
     return _maybe_stream(response, body.stream)
 
 
 @router.post("/score")
-async def score(body: ScoreRequest, request: Request, service: Service) -> ScoreResponse:
+async def score(body: ScoreRequest, request: Request, pinned: Checkpoints, service: Parts) -> ScoreResponse:
     """Rewards of given responses (one prompt, many responses; or unrelated pairs), in input order."""
     body.refuse_unsupported()
-    _check_model(request, service, body.model)
+    _check_model(request, pinned, body.model)
     pairs = [
         (p.prompt if isinstance(p.prompt, str) else [m.plain() for m in p.prompt], p.response)
         for p in body.as_pairs()
     ]
-    inputs = await service.score_inputs(pairs, "pairs" if body.pairs is not None else "responses")
-    rewards = await _until_disconnect(request, service.score(inputs))
+    field = "pairs" if body.pairs is not None else "responses"
+    rm, policy_tokenizer = pinned.reward_model.info, pinned.policy.info.tokenizer
+    inputs = await service.admission.score_inputs(rm, policy_tokenizer, pairs, field)
+    rewards = await _until_disconnect(request, service.best_of_n.score(pinned, inputs))
     return ScoreResponse(
         object="list",
         model=request.app.state.model_name,
-        reward_model=str(service.reward_model.path),
-        data=[ScoreItem(index=i, reward=r) for i, r in enumerate(rewards)],
+        reward_model=str(rm.path),
+        data=[ScoreItem(index=i, reward=r.value) for i, r in enumerate(rewards)],
     )
 
 
 @router.post("/feedback")
-async def feedback(body: FeedbackRequest, request: Request, service: Service) -> FeedbackResponse:
+async def feedback(body: FeedbackRequest, request: Request, service: Parts) -> FeedbackResponse:
     """Store a client's comparison of a request's candidates, for reward-model training."""
     sample_log = service.sample_log
     if sample_log is None:
@@ -200,6 +216,7 @@ async def feedback(body: FeedbackRequest, request: Request, service: Service) ->
             "invalid_value",
         )
     k = counts[body.prompt_index]
+    given: list[float | None]
     if body.ranks is not None:
         if len(body.ranks) != k:
             raise APIError(
@@ -208,14 +225,16 @@ async def feedback(body: FeedbackRequest, request: Request, service: Service) ->
                 "ranks",
                 "invalid_value",
             )
-        ranks = body.ranks
+        given = body.ranks
     else:
-        for field, index in (("chosen", body.chosen), ("rejected", body.rejected)):
+        chosen, rejected = body.chosen or 0, body.rejected or 0  # both given: the validator checked
+        for field, index in (("chosen", chosen), ("rejected", rejected)):
             if index >= k:
                 message = f"{field} is {index} but the request has candidates 0..{k - 1}"
                 raise APIError(400, message, field, "invalid_value")
-        ranks = [None] * k
-        ranks[body.chosen], ranks[body.rejected] = 1, 2
+        given = [None] * k
+        given[chosen], given[rejected] = 0, 1
+    ranks = dense_ranks(given)  # stored as the candidate log numbers its ranks: 0 = best
     sample_log.append_feedback(FeedbackRecord(body.request_id, body.prompt_index, ranks, time.time()))
     pairs = sum(1 for a in ranks for b in ranks if a is not None and b is not None and a < b)
     return FeedbackResponse(object="feedback", request_id=body.request_id, pairs=pairs)

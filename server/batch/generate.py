@@ -21,7 +21,7 @@ import json
 import sqlite3
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tqdm import tqdm
 
@@ -32,8 +32,12 @@ from server.failures import Failure
 from server.log.sample_log import sqlite_file
 from server.policy import read_policy
 from server.reward import read_reward_model
-from server.service import BestOfN
+from server.seeds import prompt_seed
+from server.service import BestOfNResult
 from server.threads import apply_torch_threads
+
+if TYPE_CHECKING:
+    from server.assembly import Service
 
 
 def job_name(args, policy_version: str, reward_version: str) -> str:
@@ -62,20 +66,26 @@ def logged_prompts(sample_log: Path, prefix: str) -> set[int]:
     return {int(request_id.rsplit("-", 1)[1]) for (request_id,) in rows}
 
 
-async def one(service: BestOfN, request_id: str, row: Row, args, seed: int) -> list[Any]:
-    """Best-of-N for one prompt, logged as `request_id`; Failure (a prompt the models cannot
-    take) becomes BadInput naming the row."""
+async def one(service: Service, request_id: str, row: Row, args, seed: int | None) -> list[BestOfNResult]:
+    """Best-of-N for one prompt, logged as `request_id`, through the server's admission; Failure
+    (a prompt the models cannot take) becomes BadInput naming the row."""
+    admission = service.admission
     try:
-        raw = row.prompt()
-        prompts = (
-            await service.text_prompts([raw]) if isinstance(raw, str) else [await service.chat_prompt(raw)]
-        )
-        max_tokens = service.resolve_max_tokens(prompts, args.max_tokens, args.max_tokens)
-        params = SamplingParams(
-            max_tokens=max_tokens, temperature=args.temperature, top_p=args.top_p, seed=seed
-        )
-        service.check_best_of(args.best_of, params, prompts)
-        return await service.run(request_id, prompts, params, n=1, best_of=args.best_of, log=True)
+        async with service.checkpoints.pinned() as pinned:
+            policy, raw = pinned.policy.info, row.prompt()
+            prompts = (
+                await admission.text_prompts(policy, [raw])
+                if isinstance(raw, str)
+                else [await admission.chat_prompt(policy, raw)]
+            )
+            max_tokens = admission.resolve_max_tokens(policy, prompts, args.max_tokens, args.max_tokens)
+            params = SamplingParams(
+                max_tokens=max_tokens, temperature=args.temperature, top_p=args.top_p, seed=seed
+            )
+            admission.check_best_of(args.best_of, params, prompts)
+            return await service.best_of_n.run(
+                pinned, request_id, prompts, params, n=1, best_of=args.best_of, log=True
+            )
     except Failure as error:
         raise BadInput(f"{row.place}: {error.message}") from None
 
@@ -106,6 +116,8 @@ async def run(args) -> dict[str, Any]:
     service = await start_service(
         settings, policy, reward_model, build_sampler(settings), build_scorer(settings)
     )
+    sample_log = service.sample_log
+    assert sample_log is not None  # the settings above keep one: it is what the job writes
     started = time.monotonic()
     # Running sums, not lists: a job of millions of prompts keeps nothing per candidate.
     reward_sum, candidates, chosen_sum, tokens, skipped, generated = 0.0, 0, 0.0, 0, 0, 0
@@ -117,9 +129,9 @@ async def run(args) -> dict[str, Any]:
             bad = [row for _, row in todo if isinstance(row, BadInput)]
             if bad and not args.skip_bad_rows:
                 raise bad[0]
-            todo = [(i, row) for i, row in todo if not isinstance(row, BadInput)]
+            ready = [(i, row) for i, row in todo if isinstance(row, Row)]
             results = await asyncio.gather(
-                *(one(service, f"{prefix}{i}", row, args, args.seed + i) for i, row in todo),
+                *(one(service, f"{prefix}{i}", row, args, prompt_seed(args.seed, i)) for i, row in ready),
                 return_exceptions=True,
             )
             for result in results:
@@ -135,13 +147,13 @@ async def run(args) -> dict[str, Any]:
                     reward_sum += sum(c.reward for c in outcome.candidates)
                     candidates += len(outcome.candidates)
             skipped += len(bad)
-            service.sample_log.flush()  # this window is durable before the next starts
+            sample_log.flush()  # this window is durable before the next starts
             bar.update(len(window))
             bar.set_postfix_str(f"{tokens / max(time.monotonic() - started, 1e-9):,.0f} tok/s")
     finally:
         bar.close()
         await service.close()
-        service.sample_log.close()
+        sample_log.close()
     seconds = time.monotonic() - started
     return {
         "sample_log": str(args.sample_log.resolve()),

@@ -29,6 +29,7 @@ import numpy as np
 import pyarrow as pa
 from tqdm import tqdm
 
+from server.admission import score_input
 from server.arguments import score_parser
 from server.batch.journal import Journal, job_identity
 from server.batch.tables import (
@@ -42,8 +43,9 @@ from server.batch.tables import (
     windows,
 )
 from server.engines.hf.scorer import padded_tokens, token_budget_chunks
+from server.failures import ContextTooLong
 from server.policy import read_policy
-from server.prompts import scoring_chars, scoring_input, unicode_text
+from server.prompts import unicode_text
 from server.reward import RewardModelInfo, check_finite, read_reward_model
 from server.threads import apply_torch_threads
 
@@ -90,17 +92,12 @@ def row_inputs(row: Row, rm: RewardModelInfo, policy_tokenizer) -> tuple[list[li
             raise BadInput(f"{place}: {name} {error}") from None
     inputs = []
     for index, response in enumerate(responses):
-        if scoring_chars(prompt, response) > rm.max_chars:
-            raise BadInput(
-                f"{place}: response {index} cannot fit the reward model's {rm.max_length}-token context"
+        try:  # the server's admission rule: whole, or refused
+            inputs.append(
+                score_input(rm, prompt, response, policy_tokenizer, f"response {index}", "response")
             )
-        ids = scoring_input(rm, prompt, response, policy_tokenizer)
-        if len(ids) > rm.max_length:
-            raise BadInput(
-                f"{place}: response {index} is {len(ids)} reward-model tokens, over its context of "
-                f"{rm.max_length}; rows are never truncated"
-            )
-        inputs.append(ids)
+        except ContextTooLong as error:
+            raise BadInput(f"{place}: {error.message}") from None
     return inputs, single
 
 
@@ -141,8 +138,8 @@ class ScoreJob:
         responses stay together (ordered by the row's longest), so the scorer runs their shared
         prompt once."""
         longest: dict[int, int] = {}
-        for (record, _), ids in zip(scored.owners, scored.inputs, strict=True):
-            longest[record] = max(longest.get(record, 0), len(ids))
+        for (owner, _), ids in zip(scored.owners, scored.inputs, strict=True):
+            longest[owner] = max(longest.get(owner, 0), len(ids))
         order = sorted(
             range(len(scored.inputs)), key=lambda i: (longest[scored.owners[i][0]], scored.owners[i][0])
         )
@@ -150,7 +147,7 @@ class ScoreJob:
         rewards = check_finite(await self.scorer.score(by_length, self.weights), self.rm.path)
         self.tokens += sum(len(ids) for ids in by_length)
         self.padded_tokens += sum(map(padded_tokens, token_budget_chunks(by_length, batch_tokens)))
-        for position, reward in zip(order, rewards, strict=True):
+        for position, reward in zip(order, (r.value for r in rewards), strict=True):
             record_index, response_index = scored.owners[position]
             record = scored.records[record_index]
             if response_index is None:
@@ -254,9 +251,9 @@ async def _score(args, rm, policy_tokenizer, journal: Journal, last_done: int, s
             elapsed = time.monotonic() - started
             bar.set_postfix_str(f"{job.tokens / max(elapsed, 1e-9):,.0f} tok/s (this process)")
 
-        async def land() -> int:
-            """Wait for the window in flight, record it, and only then count it on the bar."""
-            index, scored, scoring = in_flight
+        async def land(flight: tuple[int, Scored, asyncio.Task]) -> int:
+            """Wait for a window in flight, record it, and only then count it on the bar."""
+            index, scored, scoring = flight
             await scoring
             journal.append(index, scored.records, scored.skipped)
             advance(len(scored.records) + scored.skipped)
@@ -270,12 +267,12 @@ async def _score(args, rm, policy_tokenizer, journal: Journal, last_done: int, s
                 if index % world == rank and index > last_done:
                     scored = await asyncio.to_thread(job.prepare, window)
                     if in_flight is not None:
-                        rows_scored += await land()
+                        rows_scored += await land(in_flight)
                     in_flight = (index, scored, asyncio.create_task(job.score(scored, args.batch_tokens)))
                 else:  # done by an earlier run, or another process's
                     advance(len(window))
             if in_flight is not None:
-                rows_scored += await land()
+                rows_scored += await land(in_flight)
         except BaseException:
             if in_flight is not None:
                 in_flight[2].cancel()

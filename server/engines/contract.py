@@ -15,10 +15,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Literal, Protocol, runtime_checkable
 
 from server.policy import PolicyInfo
-from server.reward import RewardModelInfo
+from server.reward import Reward, RewardModelInfo
 
 FinishReason = Literal["stop", "length"]
 
@@ -69,6 +69,7 @@ def sampling_cost(prompt_tokens: int, n: int, max_tokens: int) -> int:
     return prompt_tokens + n * max_tokens
 
 
+@runtime_checkable
 class Sampler(Protocol):
     """What the server needs from a generation engine."""
 
@@ -95,8 +96,10 @@ class Sampler(Protocol):
         ...
 
 
+@runtime_checkable
 class RewardScorer(Protocol):
-    """What the server needs from a reward-model engine: raw Bradley-Terry logits."""
+    """What the server needs from a reward-model engine: a `Reward` per input (for a Bradley-Terry
+    model, its value is the raw logit)."""
 
     async def load(self, reward_model: RewardModelInfo) -> object:
         """Load the reward model's weights and score one input with them; return the handle.
@@ -104,7 +107,7 @@ class RewardScorer(Protocol):
         Raises CheckpointError when the weights cannot be loaded or run."""
         ...
 
-    async def score(self, inputs: list[list[int]], weights: object) -> list[float]:
+    async def score(self, inputs: list[list[int]], weights: object) -> list[Reward]:
         """The reward of each input (RM token ids, already fitted to its context), in order."""
         ...
 

@@ -35,6 +35,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
+from typing import TypeVar, cast
 
 # vLLM logs to stdout unless told otherwise; bon's jobs print their JSON summary there, and a
 # server's logs belong on stderr with uvicorn's. Set before vLLM configures its loggers.
@@ -53,9 +54,10 @@ from server import metrics
 from server.engines.contract import Candidate, SampleRequest, SamplingParams
 from server.failures import CheckpointError, EngineDead, EngineStopped, Overloaded
 from server.policy import PolicyInfo, probe_ids
-from server.reward import RewardModelInfo, check_finite, probe_input
+from server.reward import Reward, RewardModelInfo, check_finite, probe_input
 
 log = logging.getLogger(__name__)
+Output = TypeVar("Output")
 
 GiB = 2**30
 # vLLM's own default KV cache on a CPU takes most of the machine's memory and slows the start.
@@ -128,14 +130,26 @@ def _engine_pids(engine: AsyncLLM) -> list[int]:
     return [process.pid for process in getattr(manager, "processes", [])]
 
 
+async def _final(outputs: AsyncIterator[Output]) -> Output:
+    """The last output of a FINAL_ONLY stream: the whole result."""
+    final = None
+    async for output in outputs:
+        final = output
+    if final is None:
+        raise RuntimeError("vLLM ended a request without an output")
+    return final
+
+
 def _tell_reaper(sign: str, engine: AsyncLLM) -> None:
     pids = _engine_pids(engine)
     if sign == "+" and not pids:
         log.warning("cannot find the vLLM engine's processes: they will outlive a killed bon serve")
-    reaper = _reaper()
+    pipe = _reaper().stdin
+    if pipe is None:  # never: the reaper is started with stdin=PIPE
+        return
     for pid in pids:
-        reaper.stdin.write(f"{sign}{pid}\n")
-    reaper.stdin.flush()
+        pipe.write(f"{sign}{pid}\n")
+    pipe.flush()
 
 
 class _Engines:
@@ -200,12 +214,13 @@ class _Engines:
         )
 
     async def release(self, weights: object) -> None:
-        self.live.discard(weights)
-        await asyncio.to_thread(weights.shutdown)
+        engine = cast(AsyncLLM, weights)
+        self.live.discard(engine)
+        await asyncio.to_thread(engine.shutdown)
         # Shut down once: AsyncLLM.__del__ calls shutdown again, and when that runs at interpreter
         # exit the module globals it needs are gone and it prints a traceback.
-        weights.shutdown = lambda *args, **kwargs: None
-        _tell_reaper("-", weights)
+        engine.shutdown = lambda *args, **kwargs: None
+        _tell_reaper("-", engine)
 
     async def check(self) -> None:
         for engine in self.live:
@@ -250,20 +265,16 @@ class VLLMSampler(_Engines):
         params = VLLMSamplingParams(
             max_tokens=1, temperature=0, logprobs=0, output_kind=RequestOutputKind.FINAL_ONLY
         )
-        final = None
-        async for output in engine.generate(tokens_input(prompt_ids), params, request_id=uuid.uuid4().hex):
-            final = output
+        final = await _final(engine.generate(tokens_input(prompt_ids), params, request_id=uuid.uuid4().hex))
         logprobs = [p.logprob for step in final.outputs[0].logprobs or [] for p in step.values()]
         if not logprobs or not all(math.isfinite(p) for p in logprobs):
             raise CheckpointError(f"{path}: the policy's logits are not finite (NaN or inf weights?)")
 
     @staticmethod
     async def _generate(engine: AsyncLLM, prompt_ids: list[int], n: int, params: SamplingParams):
-        final = None
-        async for output in engine.generate(
-            tokens_input(prompt_ids), _vllm_params(n, params), request_id=uuid.uuid4().hex
-        ):
-            final = output
+        final = await _final(
+            engine.generate(tokens_input(prompt_ids), _vllm_params(n, params), request_id=uuid.uuid4().hex)
+        )
         return sorted(final.outputs, key=lambda c: c.index)
 
     async def sample(self, request: SampleRequest) -> list[Candidate]:
@@ -293,17 +304,16 @@ class VLLMScorer(_Engines):
 
     @classmethod
     async def _probe(cls, engine: AsyncLLM, ids: list[int], path: Path) -> None:
-        check_finite([await cls._score_one(engine, ids)], path)
+        check_finite([Reward(await cls._score_one(engine, ids))], path)
 
     @staticmethod
     async def _score_one(engine: AsyncLLM, ids: list[int]) -> float:
         params = PoolingParams(task="classify", use_activation=False)
-        final = None
-        async for output in engine.encode(tokens_input(ids), params, request_id=uuid.uuid4().hex):
-            final = output
+        final = await _final(engine.encode(tokens_input(ids), params, request_id=uuid.uuid4().hex))
         return float(final.outputs.data[0])  # one label: the raw logit
 
-    async def score(self, inputs: list[list[int]], weights: object) -> list[float]:
+    async def score(self, inputs: list[list[int]], weights: object) -> list[Reward]:
         async with self._job(weights):
             # One vLLM request per input: vLLM batches them, and shares the prompt's blocks.
-            return list(await asyncio.gather(*(self._score_one(weights, ids) for ids in inputs)))
+            values = await asyncio.gather(*(self._score_one(weights, ids) for ids in inputs))
+        return [Reward(value) for value in values]

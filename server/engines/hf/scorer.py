@@ -6,11 +6,12 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 from itertools import accumulate, pairwise
+from typing import cast
 
 from server.engines.hf.models import HFRewardModel, load_reward_weights
 from server.engines.scheduler import Scheduler
 from server.failures import CheckpointError, NonFiniteReward
-from server.reward import RewardModelInfo, check_finite, probe_input
+from server.reward import Reward, RewardModelInfo, check_finite, probe_input
 
 
 @dataclass
@@ -84,7 +85,7 @@ class TransformersScorer:
     def _load(self, info: RewardModelInfo) -> HFRewardModel:
         reward_model = load_reward_weights(info, self.device, self.dtype)
         try:
-            check_finite(reward_model.score([probe_input(info)]), info.path)
+            check_finite([Reward(r) for r in reward_model.score([probe_input(info)])], info.path)
         except NonFiniteReward as error:
             raise CheckpointError(error.message) from None
         return reward_model
@@ -92,14 +93,15 @@ class TransformersScorer:
     async def load(self, reward_model: RewardModelInfo) -> HFRewardModel:
         return await asyncio.to_thread(self._load, reward_model)
 
-    async def score(self, inputs: list[list[int]], weights: object) -> list[float]:
+    async def score(self, inputs: list[list[int]], weights: object) -> list[Reward]:
         """Inputs go to the batcher in chunks of at most one batch budget, one after another: a
         large request takes turns with the others, and if its client leaves, the chunks not yet
         submitted are never run."""
-        rewards: list[float] = []
+        rewards: list[Reward] = []
         for chunk in token_budget_chunks(inputs, self._max_batch_tokens):
-            job = ScoreJob(chunk, weights)
-            rewards += await self._scheduler.submit(job, padded_tokens(chunk), sequences=len(chunk))
+            job = ScoreJob(chunk, cast(HFRewardModel, weights))
+            values = await self._scheduler.submit(job, padded_tokens(chunk), sequences=len(chunk))
+            rewards += [Reward(value) for value in values]
         return rewards
 
     async def release(self, weights: object) -> None:
