@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,6 +18,11 @@ from safetensors import safe_open
 from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
 from server.failures import CheckpointError
+
+log = logging.getLogger(__name__)
+
+# What every freshly loaded model is test-run on (engine load probes, the server's warm-up).
+PROBE_PROMPT, PROBE_COMPLETION = "Hello", " world"
 
 DTYPES = {"auto": "auto", "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -130,3 +136,11 @@ def loading(role: str, path: Path) -> Iterator[None]:
         raise
     except Exception as error:
         raise CheckpointError(f"could not load {role} {path}: {type(error).__name__}: {error}") from error
+
+
+def pad_with_eos(tokenizer: PreTrainedTokenizerBase, role: str) -> None:
+    """A tokenizer without a pad token pads with eos: padding is masked out, so any id will do,
+    and eos is the customary one. Set on the tokenizer, so every batch (server or trainer) agrees."""
+    if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
+        log.warning("%s tokenizer has no pad token; padding with eos (%s)", role, tokenizer.eos_token)
+        tokenizer.pad_token = tokenizer.eos_token

@@ -6,23 +6,22 @@ a vLLM deployment does not hold the policy twice.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 from transformers import AutoConfig, AutoTokenizer, GenerationConfig, PreTrainedTokenizerBase
 
 from server.checkpoints import (
+    PROBE_PROMPT,
     checkpoint_dir,
     checkpoint_dtype,
     context_length,
     loading,
     max_text_chars,
     model_version,
+    pad_with_eos,
     weight_names,
 )
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -58,10 +57,7 @@ def read_policy(path: str | Path) -> PolicyInfo:
         tokenizer = AutoTokenizer.from_pretrained(directory)
         weight_names(directory)  # a missing or unreadable weights file is refused now, not at load
         eos_ids = _eos_ids(directory, config, tokenizer)
-    if tokenizer.pad_token_id is None:
-        # Padding positions are masked out; any id will do, eos is the customary one.
-        log.warning("policy tokenizer has no pad token; padding with eos (%s)", tokenizer.eos_token)
-        tokenizer.pad_token = tokenizer.eos_token
+    pad_with_eos(tokenizer, "policy")
     context = context_length(config, tokenizer)
     return PolicyInfo(
         path=directory,
@@ -75,5 +71,5 @@ def read_policy(path: str | Path) -> PolicyInfo:
 
 
 def probe_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
-    """The prompt every engine test-runs a freshly loaded policy on ("Hello", or BOS alone)."""
-    return tokenizer("Hello").input_ids or [tokenizer.bos_token_id or 0]
+    """The prompt every engine test-runs a freshly loaded policy on (PROBE_PROMPT, or BOS alone)."""
+    return tokenizer(PROBE_PROMPT).input_ids or [tokenizer.bos_token_id or 0]

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from transformers import PreTrainedTokenizerBase
 
 from server.failures import InvalidInput
-from server.reward import Messages, RewardInput, RewardModelInfo
+from server.reward import Messages, RewardInput, RewardModelInfo, encode_candidate
 
 
 @dataclass
@@ -50,7 +50,7 @@ def text_prompt(tokenizer: PreTrainedTokenizerBase, text: str) -> Prompt:
 def render_messages(tokenizer: PreTrainedTokenizerBase, messages: Messages) -> str:
     """The conversation ready for the assistant's turn; without a chat template, a line per message."""
     if tokenizer.chat_template:
-        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return str(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False))
     return "".join(f"{m['role']}: {m['content']}\n" for m in messages)
 
 
@@ -79,14 +79,15 @@ def scoring_chars(prompt: str | Messages, response: str) -> int:
 
 
 def scoring_input(
-    reward_model: RewardModelInfo,
+    rm_tokenizer: PreTrainedTokenizerBase,
     prompt: str | Messages,
     response: str,
     policy_tokenizer: PreTrainedTokenizerBase,
 ) -> list[int]:
-    """The RM input of a (prompt, response) pair a caller gives (`/v1/score`, `bon score`), never
-    truncated: a text prompt by the completions rule, messages by the RM's chat template, or,
-    when the RM has none, the policy's rendering of them (what the policy was served)."""
+    """The RM input of a (prompt, response) pair as given (`/v1/score`, `bon score`, the RM
+    trainer), before any length rule: a text prompt by the completions rule, messages by the RM's
+    chat template, or, when the RM has none, the policy's rendering of them (what the policy was
+    served)."""
     if isinstance(prompt, str):
-        return reward_model.encode(prompt, None, response)
-    return reward_model.encode(render_messages(policy_tokenizer, prompt), prompt, response)
+        return encode_candidate(rm_tokenizer, prompt, None, response)
+    return encode_candidate(rm_tokenizer, render_messages(policy_tokenizer, prompt), prompt, response)

@@ -16,8 +16,7 @@ import math
 from dataclasses import dataclass, replace
 
 from server.engines.contract import Candidate, SampleRequest, SamplingParams, stop_cut
-
-SEED_RANGE = 2**63  # what the API accepts as a seed
+from server.seeds import continuation_seed
 
 
 @dataclass(frozen=True)
@@ -46,7 +45,7 @@ def continuation(
 ) -> SampleRequest:
     """The request that decodes candidate `index` from where it stopped, to the same max_tokens.
     Seeded requests stay reproducible: each survivor's continuation has its own seed."""
-    seed = None if params.seed is None else (params.seed * 1_000_003 + index + 1) % SEED_RANGE
+    seed = continuation_seed(params.seed, index)
     rest = replace(params, max_tokens=params.max_tokens - len(partial.token_ids), seed=seed)
     return SampleRequest(prompt_ids + partial.token_ids, 1, rest, weights)
 

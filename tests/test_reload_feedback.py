@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+import sqlite3
 import time
 
 import httpx
@@ -61,6 +62,9 @@ def test_feedback_is_stored_and_read_by_the_rm_trainer(loop_server):
     assert feedback(loop_server, {"request_id": first["id"], "chosen": 2, "rejected": 0}).json()["pairs"] == 1
     assert feedback(loop_server, {"request_id": second["id"], "ranks": [2, 1, 2]}).json()["pairs"] == 2
     time.sleep(1.2)  # the feedback rows are committed with the next flush
+    stored = sqlite3.connect(loop_server.sample_log).execute("SELECT ranks FROM feedback").fetchall()[-2:]
+    # One numbering with the candidate log's rank column: 0 = best.
+    assert [json.loads(r) for (r,) in stored] == [[1, None, 0], [1, 0, 1]]
     groups = load_feedback(loop_server.sample_log)[-2:]
     pair, ranked = groups
     assert pair.prompt == "the cat"

@@ -42,6 +42,7 @@ from server.log.sample_log import read_records
 from server.prompts import Prompt as ServedPrompt
 from server.prompts import make_prompt, reward_input
 from server.reward import read_reward_model
+from server.seeds import prompt_seed
 from trainers.arguments import TrainArgs, raft_parser, train_args
 from trainers.data import Prompt, RecipeError, SFTExample, load_prompts
 from trainers.engine import check_new_output, summary
@@ -169,7 +170,7 @@ def sample_candidates(
 ) -> list[tuple[ServedPrompt, list[Candidate]]]:
     """K candidates per prompt with the server's decoding code, `batch` prompts per call.
 
-    A seed per prompt (params.seed + its index): the same run replays, different prompts differ.
+    A seed per prompt (`prompt_seed` of its index): the same run replays, different prompts differ.
     """
     out = []
     for start in range(0, len(prompts), batch):
@@ -178,7 +179,7 @@ def sample_candidates(
             SampleRequest(
                 p.token_ids,
                 k,
-                replace(params, seed=None if params.seed is None else params.seed + start + j),
+                replace(params, seed=prompt_seed(params.seed, start + j)),
                 weights=policy,
             )
             for j, p in enumerate(chunk)

@@ -26,10 +26,10 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
-from server.checkpoints import checkpoint_dir
+from server.checkpoints import checkpoint_dir, pad_with_eos
 from server.engines.hf.models import LastTokenReward, pad_right
-from server.prompts import render_messages
-from server.reward import encode_candidate
+from server.prompts import scoring_input
+from server.reward import fit_tail
 from trainers.arguments import TrainArgs, rm_parser, train_args
 from trainers.data import PreferenceGroup, RecipeError, load_feedback, load_preferences
 from trainers.engine import (
@@ -48,13 +48,9 @@ log = logging.getLogger(__name__)
 
 
 def encode_response(tokenizer: PreTrainedTokenizerBase, prompt, response: str, max_length: int) -> list[int]:
-    """The server's RM input rule; over-long inputs keep their tail, as the server does."""
-    if isinstance(prompt, str):
-        ids = encode_candidate(tokenizer, prompt, None, response)
-    else:
-        # The base is the SFT policy, so its rendering is the policy's, as on the server.
-        ids = encode_candidate(tokenizer, render_messages(tokenizer, prompt), prompt, response)
-    return ids[-max_length:]
+    """The server's RM input rule and length rule (server/prompts.py, server/reward.py). The base
+    is the SFT policy, so its tokenizer also renders chat prompts, as the policy's does on the server."""
+    return fit_tail(scoring_input(tokenizer, prompt, response, tokenizer), max_length).token_ids
 
 
 @dataclass
@@ -173,8 +169,7 @@ def train_reward_model(
     check_new_output(output)
     accelerator = make_accelerator(args)
     tokenizer = AutoTokenizer.from_pretrained(base)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    pad_with_eos(tokenizer, "base")
     model = policy_with_a_fresh_head(base)
     model.config.pad_token_id = tokenizer.pad_token_id
     if shrink:

@@ -18,8 +18,9 @@ import torch
 from torch.utils.data import DataLoader
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
-from server.checkpoints import checkpoint_dir
+from server.checkpoints import checkpoint_dir, pad_with_eos
 from server.engines.hf.models import pad_right
+from server.prompts import make_prompt
 from trainers.arguments import TrainArgs, sft_parser, train_args
 from trainers.data import DataError, SFTExample, load_sft
 from trainers.engine import (
@@ -44,22 +45,19 @@ def encode(tokenizer: PreTrainedTokenizerBase, example: SFTExample, max_length: 
     tokenizer's chat template with the generation prompt, and the completion is what the template
     adds for the assistant's turn. An eos ends every completion so the policy learns to stop.
     """
+    prompt = make_prompt(tokenizer, example.prompt)  # the server's rule (server/prompts.py)
     if isinstance(example.prompt, str):
-        prompt_ids = tokenizer(example.prompt).input_ids
         completion_text = example.completion
     else:
-        prompt_text = tokenizer.apply_chat_template(
-            example.prompt, add_generation_prompt=True, tokenize=False
-        )
         full_text = tokenizer.apply_chat_template(
             [*example.prompt, {"role": "assistant", "content": example.completion}], tokenize=False
         )
-        if not full_text.startswith(prompt_text):
+        if not full_text.startswith(prompt.text):
             raise ValueError(
                 "the chat template renders the conversation differently with the answer appended"
             )
-        prompt_ids = tokenizer(prompt_text, add_special_tokens=False).input_ids
-        completion_text = full_text[len(prompt_text) :]
+        completion_text = full_text[len(prompt.text) :]
+    prompt_ids = prompt.token_ids
     completion_ids = tokenizer(completion_text, add_special_tokens=False).input_ids
     if tokenizer.eos_token_id is not None and completion_ids[-1:] != [tokenizer.eos_token_id]:
         completion_ids.append(tokenizer.eos_token_id)
@@ -109,8 +107,7 @@ def finetune(
     check_new_output(output)
     accelerator = make_accelerator(args)
     tokenizer = AutoTokenizer.from_pretrained(base)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    pad_with_eos(tokenizer, "base")
     model = with_lora(AutoModelForCausalLM.from_pretrained(base), args, "CAUSAL_LM")
     features = [encode(tokenizer, e, args.max_length) for e in examples]
     batches = length_grouped_batches([len(f["input_ids"]) for f in features], args.batch_size, args.seed)

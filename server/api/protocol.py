@@ -101,7 +101,8 @@ class ChatMessage(BaseModel):
         return unicode_text(content or "")
 
     def plain(self) -> dict[str, str]:
-        return {"role": self.role, "content": self.content or ""}
+        """Role and text (the validator has joined any content parts into one string)."""
+        return {"role": self.role, "content": str(self.content or "")}
 
 
 class EarlyRejectionParams(BaseModel):
@@ -155,6 +156,11 @@ class _Sampling(_Request):
         return stops
 
     # Cross-field checks are field validators (fields validate in order) so the error names the field.
+    @property
+    def sampled(self) -> int:
+        """Candidates to sample: best_of, which the validator sets to n when it is not given."""
+        return self.best_of if self.best_of is not None else self.n
+
     @field_validator("best_of")
     @classmethod
     def _best_of_covers_n(cls, best_of, info: ValidationInfo):
@@ -287,7 +293,10 @@ class ScoreRequest(_Request):
     def as_pairs(self) -> list[ScorePair]:
         if self.pairs is not None:
             return self.pairs
-        return [ScorePair(prompt=self.prompt, response=r) for r in self.responses or []]
+        prompt = self.prompt
+        if prompt is None:  # never past the validator: pairs, or a prompt with responses
+            return []
+        return [ScorePair(prompt=prompt, response=r) for r in self.responses or []]
 
 
 class FeedbackRequest(BaseModel):
@@ -300,7 +309,9 @@ class FeedbackRequest(BaseModel):
     chosen: int | None = Field(None, ge=0)
     rejected: int | None = Field(None, ge=0)
     ranks: list[float | None] | None = Field(
-        None, description="One per candidate index; 1 = best, equal = tie."
+        None,
+        description="One per candidate index; lower is better (1 = best), equal = tie, null = unranked. "
+        "Stored as the candidate log numbers ranks: 0 = best.",
     )
 
     @field_validator("ranks", mode="before")

@@ -7,15 +7,18 @@ A window is a list of `Row`s: the record as read, and where it came from (`file:
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-FORMATS = {".jsonl": "jsonl", ".parquet": "parquet"}
+# Every file bon reads or writes rows in (score, generate, eval, export-samples): by extension.
+FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet"}
+
+T = TypeVar("T")
 
 
 class BadInput(ValueError):
@@ -107,8 +110,8 @@ def read_rows(path: Path, window: int) -> Iterator[Row | BadInput]:
     return _parquet_rows(path, window)
 
 
-def windows(rows: Iterator[Row | BadInput], size: int) -> Iterator[list[Row | BadInput]]:
-    window: list[Row | BadInput] = []
+def windows(rows: Iterable[T], size: int) -> Iterator[list[T]]:
+    window: list[T] = []
     for row in rows:
         window.append(row)
         if len(window) == size:

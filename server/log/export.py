@@ -9,6 +9,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from server.batch.tables import table_format
 from server.log.sample_log import read_records
 
 
@@ -18,17 +19,6 @@ def export_record(record: dict) -> dict:
     out["policy"] = {"path": record["policy"], "version": record["policy_version"]}
     out["reward_model"] = {"path": record["reward_model"], "version": record["reward_model_version"]}
     return out
-
-
-FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet"}
-
-
-def file_format(output: Path) -> str:
-    if output.suffix not in FORMATS:
-        raise ValueError(
-            f"cannot tell the file format of {output} from its extension: name it .jsonl or .parquet"
-        )
-    return FORMATS[output.suffix]
 
 
 def preference_pairs(records: list[dict], min_margin: float = 0.0) -> list[dict]:
@@ -68,7 +58,7 @@ def preference_pairs(records: list[dict], min_margin: float = 0.0) -> list[dict]
 
 def export_samples(sample_log: Path, output: Path, shape: str = "candidates", min_margin: float = 0.0) -> int:
     """Write `sample_log` to `output` as candidates or pairs; returns how many records were written."""
-    fmt = file_format(output)
+    fmt = table_format(output)
     records = read_records(sample_log)
     if shape == "pairs":
         rows = preference_pairs(records, min_margin)

@@ -78,7 +78,7 @@ CREATE TABLE IF NOT EXISTS feedback (
     id INTEGER PRIMARY KEY,
     request_id TEXT NOT NULL,
     prompt_index INTEGER NOT NULL,
-    ranks TEXT NOT NULL,              -- JSON: one rank per candidate index, 1 = best, null = unranked
+    ranks TEXT NOT NULL,              -- JSON: one rank per candidate index, 0 = best, null = unranked
     created REAL NOT NULL
 );
 """
@@ -203,7 +203,7 @@ class FeedbackRecord:
 
     request_id: str
     prompt_index: int
-    ranks: list[float | None]
+    ranks: list[int | None]  # 0 = best, as the candidates' rank
     created: float
 
 

@@ -30,6 +30,7 @@ from bon.tiny_models import build_model, train_tokenizer
 from server.engines.contract import SamplingParams
 from server.engines.hf.models import load_policy, load_reward_model
 from server.prompts import make_prompt, reward_input
+from server.seeds import prompt_seed
 from trainers.arguments import DemoConfig, TrainArgs, demo_parser
 from trainers.data import PreferenceGroup, SFTExample
 from trainers.demo.tasks import (
@@ -168,7 +169,7 @@ class Server:
                     prompt=item.prompt,
                     max_tokens=max_tokens,
                     temperature=1.0,
-                    seed=seed + index,
+                    seed=prompt_seed(seed, index),
                     extra_body={"best_of": best_of},
                 )
 

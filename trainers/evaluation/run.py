@@ -31,6 +31,7 @@ from server.batch.tables import BadInput, read_rows, table_format
 from server.engines.contract import SamplingParams
 from server.engines.hf.models import HFPolicy, load_policy, load_reward_model, pad_right
 from server.prompts import reward_input
+from server.seeds import prompt_seed
 from server.threads import apply_torch_threads
 from trainers.arguments import eval_parser
 from trainers.data import Prompt, RecipeError, load_prompts
@@ -146,7 +147,7 @@ def pools_from_models(args, prompts: list[Prompt], gold) -> dict[str, list[Pool]
         # Each policy its own seeds: a policy given twice (or as its own reference) draws a pool
         # independent of the other's, as the win rates assume.
         params = SamplingParams(
-            max_tokens=args.max_tokens, temperature=1.0, seed=args.seed + 1_000_003 * position
+            max_tokens=args.max_tokens, temperature=1.0, seed=prompt_seed(args.seed, position)
         )
         log.info("sampling %d per prompt from %s", args.k, name)
         drawn = sample_candidates(policy, prompts, args.k, params, batch=16)
