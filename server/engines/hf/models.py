@@ -129,7 +129,8 @@ class HFRewardModel:
 def load_policy_weights(info: PolicyInfo, device: str, dtype: str) -> HFPolicy:
     with loading("policy", info.path), _FROM_PRETRAINED:
         model = AutoModelForCausalLM.from_pretrained(info.path, dtype=torch_dtype(dtype))
-    return HFPolicy(info, model.to(device).eval())
+    # transformers types `.to` through a decorator that hides its signature.
+    return HFPolicy(info, model.to(device).eval())  # type: ignore[arg-type]
 
 
 def load_reward_weights(info: RewardModelInfo, device: str, dtype: str) -> HFRewardModel:

@@ -14,7 +14,6 @@ import inspect
 from dataclasses import dataclass
 
 import torch
-from transformers import PreTrainedModel
 
 # Below this a shared prefix saves less than one extra model call costs.
 MIN_SHARED_TOKENS = 32
@@ -59,7 +58,7 @@ def prefix_groups(inputs: list[list[int]], min_shared: int = MIN_SHARED_TOKENS) 
     return groups
 
 
-def cache_argument(model: PreTrainedModel) -> str:
+def cache_argument(model: torch.nn.Module) -> str:
     """What this transformers calls the KV-cache argument: `cache` from 5.20 on, `past_key_values`
     before (the vLLM venv pins an older release)."""
     parameters = inspect.signature(model.forward).parameters
@@ -67,7 +66,7 @@ def cache_argument(model: PreTrainedModel) -> str:
 
 
 def score_with_shared_prefix(
-    base_model: PreTrainedModel, head: torch.nn.Module, inputs: list[list[int]], shared: int
+    base_model: torch.nn.Module, head: torch.nn.Module, inputs: list[list[int]], shared: int
 ) -> torch.Tensor:
     """Rewards of `inputs`, whose first `shared` tokens are equal, running those tokens once.
 

@@ -19,6 +19,7 @@ requests for the next wait until they drain.
 from __future__ import annotations
 
 import asyncio
+from typing import cast
 
 import torch
 
@@ -31,6 +32,11 @@ from server.policy import PolicyInfo, probe_ids
 
 EXPRESS_TOKENS = 16  # max_tokens up to which a request joining a running batch takes the express lane
 EXPRESS_STEPS = 4  # express steps per main step, at most
+
+
+def policy_of(request: SampleRequest) -> HFPolicy:
+    """The handle this engine's `load` gave the request (the contract keeps handles opaque)."""
+    return cast(HFPolicy, request.weights)
 
 
 class Decoder:
@@ -50,18 +56,21 @@ class Decoder:
         main = [r for r in joining if not (decoding and r.params.max_tokens <= EXPRESS_TOKENS)]
         express = [r for r in joining if decoding and r.params.max_tokens <= EXPRESS_TOKENS]
         if main:
-            self.main = self.main or DecodeBatch(main[0].weights)
+            self.main = self.main or DecodeBatch(policy_of(main[0]))
             self.main.admit(main)
         if express:
-            self.express = self.express or DecodeBatch(express[0].weights)
+            self.express = self.express or DecodeBatch(policy_of(express[0]))
             self.express.admit(express)
-        main_rows = self.main is not None and len(self.main) > 0
-        express_rows = self.express is not None and len(self.express) > 0
         finished: list[tuple[SampleRequest, list[Candidate]]] = []
-        if express_rows and (self.express_streak < EXPRESS_STEPS or not main_rows):
+        main_rows = self.main is not None and len(self.main) > 0
+        if (
+            self.express is not None
+            and len(self.express)
+            and (self.express_streak < EXPRESS_STEPS or not main_rows)
+        ):
             self.express_streak += 1
             finished = self.express.step()
-        elif main_rows:
+        elif self.main is not None and main_rows:
             self.express_streak = 0
             finished = self.main.step()
         # An emptied batch is dropped: the next request to arrive starts the main batch anew.
@@ -72,7 +81,7 @@ class Decoder:
         return finished
 
     def alone(self, request: SampleRequest) -> list[Candidate]:
-        [candidates] = generate(request.weights, [request])
+        [candidates] = generate(policy_of(request), [request])
         return candidates
 
     def reset(self) -> None:
