@@ -70,7 +70,7 @@ def _add_serve(commands) -> None:
         )
         if field.annotation is bool:
             group.add_argument(flag, action="store_true", default=argparse.SUPPRESS, help=help_text)
-        elif name in ("api_key", "admin_key"):
+        elif name in ("api_key", "admin_key", "reward_model", "reward_function"):
             group.add_argument(
                 flag, action="append", default=argparse.SUPPRESS, help=help_text + "; repeatable"
             )
@@ -92,6 +92,7 @@ def _serve(args: argparse.Namespace) -> int:
     from server.log.sample_log import connect
     from server.policy import read_policy
     from server.reward import read_reward_model
+    from server.rules import RuleSpecError, load_rule
     from server.settings import Settings
 
     given = {k: v for k, v in vars(args).items() if k in Settings.model_fields}
@@ -99,8 +100,8 @@ def _serve(args: argparse.Namespace) -> int:
         settings = Settings(**given)
     except ValidationError as error:
         first = error.errors()[0]
-        flag = "--" + str(first["loc"][0]).replace("_", "-")
-        print(f"bon serve: {flag}: {first['msg']}", file=sys.stderr)
+        where = f"--{str(first['loc'][0]).replace('_', '-')}: " if first["loc"] else ""
+        print(f"bon serve: {where}{first['msg']}", file=sys.stderr)
         return 2
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -111,11 +112,12 @@ def _serve(args: argparse.Namespace) -> int:
     apply_torch_threads(settings.torch_threads)
     try:
         policy = read_policy(settings.policy)
-        reward_model = read_reward_model(settings.reward_model)
+        reward_models = {name: read_reward_model(path) for name, path in settings.reward_models()}
+        rules = [load_rule(name, spec) for name, spec in settings.reward_functions()]
         sampler, scorer = build_sampler(settings), build_scorer(settings)
         if not settings.no_sample_log:
             connect(settings.sample_log).close()
-    except (CheckpointError, EngineUnavailable, SampleLogUnusable) as error:
+    except (CheckpointError, EngineUnavailable, SampleLogUnusable, RuleSpecError) as error:
         print(f"bon serve: {error}", file=sys.stderr)
         return 2
     if not settings.loopback and not settings.api_key:
@@ -124,7 +126,7 @@ def _serve(args: argparse.Namespace) -> int:
             "set --api-key (or BON_API_KEY)",
             settings.host,
         )
-    app = build_app(settings, policy, reward_model, sampler, scorer)
+    app = build_app(settings, policy, reward_models, sampler, scorer, rules)
     config = uvicorn.Config(
         app,
         host=settings.host,

@@ -54,6 +54,11 @@ class NonFiniteReward(Failure):
     (or logged) on a value that means nothing."""
 
 
+class RuleFailed(Failure):
+    """A reward function raised, returned something other than a finite number, or ran out of
+    time: its request fails, naming the member; the server goes on."""
+
+
 class CheckpointError(Failure, ValueError):
     """A model directory that cannot be served as asked; the message says what to change."""
 

@@ -50,6 +50,12 @@ CANDIDATES = Histogram(
 CANDIDATE_REWARD = Histogram(
     "bon_candidate_reward", "Reward of every sampled candidate.", buckets=_REWARD_BUCKETS
 )
+MEMBER_REWARD = Histogram(
+    "bon_member_reward",
+    "Raw reward of every scored candidate, per reward member (reward model or rule).",
+    ["member"],
+    buckets=_REWARD_BUCKETS,
+)
 RETURNED_REWARD = Histogram(
     "bon_returned_reward", "Reward of the candidates returned to clients.", buckets=_REWARD_BUCKETS
 )

@@ -20,6 +20,7 @@ class Prompt:
     token_ids: list[int]
     text: str  # the prompt text the policy saw (chat: rendered by the policy's template)
     messages: Messages | None = None  # chat requests only
+    reference: str | None = None  # the known answer a request gave, for rule reward members
 
     def logged(self) -> str | Messages:
         return self.messages if self.messages is not None else self.text

@@ -33,12 +33,23 @@ class Pinned:
     """The checkpoints one request runs on, whatever reloads happen meanwhile."""
 
     policy: Loaded[PolicyInfo]
-    reward_model: Loaded[RewardModelInfo]
+    reward_models: dict[str, Loaded[RewardModelInfo]]  # by member name, in the order given
 
     @property
     def fingerprint(self) -> str:
-        """OpenAI's system_fingerprint: changes whenever either checkpoint does."""
-        return f"bon-{self.policy.info.version}-{self.reward_model.info.version}"
+        """OpenAI's system_fingerprint: changes whenever any checkpoint does."""
+        versions = [self.policy.info.version, *(rm.info.version for rm in self.reward_models.values())]
+        return "bon-" + "-".join(versions)
+
+    def reward_model_label(self) -> tuple[str, str]:
+        """(paths, versions) as the candidate log and model card name the reward side: one model's
+        own, or "name=..." per member, comma-separated."""
+        if len(self.reward_models) == 1:
+            [only] = self.reward_models.values()
+            return str(only.info.path), only.info.version
+        paths = ",".join(f"{name}={rm.info.path}" for name, rm in self.reward_models.items())
+        versions = ",".join(f"{name}={rm.info.version}" for name, rm in self.reward_models.items())
+        return paths, versions
 
 
 class Checkpoints:
@@ -47,24 +58,24 @@ class Checkpoints:
     def __init__(
         self,
         policy: Loaded[PolicyInfo],
-        reward_model: Loaded[RewardModelInfo],
+        reward_models: dict[str, Loaded[RewardModelInfo]],
         sampler: Sampler,
         scorer: RewardScorer,
     ):
         self.policy = policy
-        self.reward_model = reward_model
+        self.reward_models = dict(reward_models)
         self._sampler = sampler
         self._scorer = scorer
 
     def current(self) -> Pinned:
         """What serves now, unpinned: for reading names and versions, not for running a request."""
-        return Pinned(self.policy, self.reward_model)
+        return Pinned(self.policy, dict(self.reward_models))
 
     @asynccontextmanager
     async def pinned(self) -> AsyncIterator[Pinned]:
         """The current checkpoints, held until the block ends."""
         view = self.current()
-        held = (view.policy, view.reward_model)
+        held: list[Loaded] = [view.policy, *view.reward_models.values()]
         for loaded in held:
             loaded.holders += 1
         try:
@@ -75,16 +86,19 @@ class Checkpoints:
             await self._release_if_done(*held)
 
     async def swap(
-        self, policy: Loaded[PolicyInfo] | None = None, reward_model: Loaded[RewardModelInfo] | None = None
+        self,
+        policy: Loaded[PolicyInfo] | None = None,
+        reward_models: dict[str, Loaded[RewardModelInfo]] | None = None,
     ) -> None:
-        """Serve new requests with new checkpoints; pinned requests keep the old ones until they finish."""
+        """Serve new requests with new checkpoints (reward models by member name, each replacing
+        its namesake); pinned requests keep the old ones until they finish."""
         old: list[Loaded] = []
         if policy is not None:
             old.append(self.policy)
             self.policy = policy
-        if reward_model is not None:
-            old.append(self.reward_model)
-            self.reward_model = reward_model
+        for name, loaded in (reward_models or {}).items():
+            old.append(self.reward_models[name])
+            self.reward_models[name] = loaded
         for loaded in old:
             loaded.retired = True
         await self._release_if_done(*old)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from server import metrics
 from server.engines.contract import RewardScorer, Sampler
-from server.failures import ReloadRefused
+from server.failures import InvalidInput, ReloadRefused
 from server.policy import PolicyInfo, read_policy
 from server.registry import Checkpoints, Loaded
 from server.reward import RewardModelInfo, read_reward_model
@@ -29,58 +29,61 @@ class Reloader:
         self._lock = asyncio.Lock()  # one reload at a time
         self._refused: set[Path] = set()  # watched directories that failed, not retried
 
-    async def _load(
-        self, policy_dir: str | None, rm_dir: str | None
-    ) -> tuple[Loaded[PolicyInfo] | None, Loaded[RewardModelInfo] | None]:
-        """Both new checkpoints loaded in their engines, or neither (what loaded is released)."""
-        policy: Loaded[PolicyInfo] | None = None
-        reward_model: Loaded[RewardModelInfo] | None = None
-        try:
-            if policy_dir:
-                policy_info = await asyncio.to_thread(read_policy, policy_dir)
-                policy = Loaded(policy_info, await self.sampler.load(policy_info))
-            if rm_dir:
-                rm_info = await asyncio.to_thread(read_reward_model, rm_dir)
-                reward_model = Loaded(rm_info, await self.scorer.load(rm_info))
-        except Exception:
-            if policy is not None:
-                await self.sampler.release(policy.weights)
-            raise
-        return policy, reward_model
+    async def _load(self, role: str, directory: str) -> Loaded:
+        """A new checkpoint read, loaded in its engine and test-run there."""
+        if role == "policy":
+            policy = await asyncio.to_thread(read_policy, directory)
+            return Loaded(policy, await self.sampler.load(policy))
+        reward_model = await asyncio.to_thread(read_reward_model, directory)
+        return Loaded(reward_model, await self.scorer.load(reward_model))
 
-    async def reload(self, policy_dir: str | None = None, rm_dir: str | None = None) -> dict:
+    async def reload(
+        self, policy_dir: str | None = None, reward_models: dict[str, str] | None = None
+    ) -> dict:
+        """Load and switch to the policy, then each reward member, one at a time (so at most one
+        extra checkpoint is in memory). One that fails is refused and its predecessor keeps
+        serving; those switched before it stay switched, and the error says what serves."""
+        members = reward_models or {}
+        if unknown := sorted(set(members) - set(self.checkpoints.reward_models)):
+            raise InvalidInput(
+                f"no reward member named {', '.join(unknown)}; this server has "
+                f"{', '.join(self.checkpoints.reward_models)}",
+                "reward_models",
+            )
+        steps = [("policy", "policy", policy_dir)] if policy_dir else []
+        steps += [("reward_model", name, directory) for name, directory in members.items()]
         async with self._lock:
-            try:
-                policy, reward_model = await self._load(policy_dir, rm_dir)
-            except Exception as error:  # whatever the checkpoint did wrong, the old models keep serving
-                for role, given in (("policy", policy_dir), ("reward_model", rm_dir)):
-                    if given:
-                        metrics.RELOADS.labels(role=role, outcome="refused").inc()
-                still = self.loaded()
-                raise ReloadRefused(
-                    f"checkpoint refused, still serving policy {still['policy']['path']} and reward model "
-                    f"{still['reward_model']['path']}: {error}"
-                ) from error
-            old = self.checkpoints.current()
-            await self.checkpoints.swap(policy, reward_model)
-            for role, new, previous in (
-                ("policy", policy, old.policy.info),
-                ("reward_model", reward_model, old.reward_model.info),
-            ):
-                if new is not None:
-                    metrics.MODEL_INFO.remove(role, str(previous.path), previous.version)
-                    metrics.MODEL_INFO.labels(
-                        role=role, path=str(new.info.path), version=new.info.version
-                    ).set(1)
-                    metrics.RELOADS.labels(role=role, outcome="loaded").inc()
-                    log.info("reloaded %s: %s (version %s)", role, new.info.path, new.info.version)
+            for role, name, directory in steps:
+                try:
+                    new = await self._load(role, directory)
+                except Exception as error:  # whatever the checkpoint did wrong, the old one keeps serving
+                    metrics.RELOADS.labels(role=role, outcome="refused").inc()
+                    raise ReloadRefused(
+                        f"checkpoint {directory} refused for {name}, still serving {self.serving()}: {error}"
+                    ) from error
+                old = self.checkpoints.current()
+                previous = old.policy if role == "policy" else old.reward_models[name]
+                if role == "policy":
+                    await self.checkpoints.swap(policy=new)
+                else:
+                    await self.checkpoints.swap(reward_models={name: new})
+                metrics.MODEL_INFO.remove(role, str(previous.info.path), previous.info.version)
+                metrics.MODEL_INFO.labels(role=role, path=str(new.info.path), version=new.info.version).set(1)
+                metrics.RELOADS.labels(role=role, outcome="loaded").inc()
+                log.info("reloaded %s: %s (version %s)", name, new.info.path, new.info.version)
             return self.loaded()
+
+    def serving(self) -> str:
+        now = self.checkpoints.current()
+        return f"policy {now.policy.info.path} and reward models {now.reward_model_label()[0]}"
 
     def loaded(self) -> dict:
         now = self.checkpoints.current()
+        members = {name: _checkpoint(rm.info) for name, rm in now.reward_models.items()}
         return {
-            role: {"path": str(loaded.info.path), "version": loaded.info.version}
-            for role, loaded in (("policy", now.policy), ("reward_model", now.reward_model))
+            "policy": _checkpoint(now.policy.info),
+            "reward_model": next(iter(members.values())),
+            "reward_models": members,
         }
 
     async def watch(self, directory: Path, interval: float) -> None:
@@ -113,3 +116,7 @@ def _newest_checkpoint(directory: Path) -> Path | None:
         if p.is_dir() and not p.name.startswith(".") and (p / "config.json").is_file()
     ]
     return max(candidates, key=lambda p: p.stat().st_mtime_ns, default=None)
+
+
+def _checkpoint(info: PolicyInfo | RewardModelInfo) -> dict[str, str]:
+    return {"path": str(info.path), "version": info.version}

@@ -13,6 +13,7 @@ input instead (400), since there the caller chose the text.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -102,6 +103,44 @@ def encode_candidate(
 
 
 @dataclass(frozen=True)
+class RewardStats:
+    """A reward model's reward distribution on its training data (`reward_stats.json`): what
+    standardises it before it is combined with other members."""
+
+    mean: float
+    std: float
+
+    def standardise(self, value: float) -> float:
+        return (value - self.mean) / self.std
+
+
+STATS_FILE = "reward_stats.json"
+
+
+def read_stats(directory: Path) -> RewardStats | None:
+    """The directory's `reward_stats.json`, or None without one; CheckpointError if it is malformed."""
+    path = directory / STATS_FILE
+    if not path.is_file():
+        return None
+    try:
+        raw = json.loads(path.read_text())
+        stats = RewardStats(float(raw["mean"]), float(raw["std"]))
+    except (ValueError, KeyError, TypeError) as error:
+        raise CheckpointError(f'{path}: expected {{"mean": m, "std": s}} ({error!r})') from None
+    if not (math.isfinite(stats.mean) and math.isfinite(stats.std) and stats.std > 0):
+        raise CheckpointError(f"{path}: mean must be finite and std finite and above 0, not {raw}")
+    return stats
+
+
+def write_stats(directory: Path, rewards: list[float]) -> RewardStats:
+    """Record the distribution of `rewards` (a trained model's, on its training data) beside it."""
+    mean = sum(rewards) / len(rewards)
+    std = math.sqrt(sum((r - mean) ** 2 for r in rewards) / len(rewards)) or 1.0
+    (directory / STATS_FILE).write_text(json.dumps({"mean": mean, "std": std}) + "\n")
+    return RewardStats(mean, std)
+
+
+@dataclass(frozen=True)
 class RewardModelInfo:
     """What the service knows of a reward model, without its weights (the scorer holds those)."""
 
@@ -111,6 +150,7 @@ class RewardModelInfo:
     max_length: int
     dtype: str  # the checkpoint's own dtype: what --dtype auto keeps
     max_chars: int  # a longer text cannot fit the context: /v1/score refuses it before tokenizing
+    stats: RewardStats | None = None  # from reward_stats.json: standardises it among several members
 
     def encode(self, prompt_text: str, messages: Messages | None, completion: str) -> list[int]:
         return encode_candidate(self.tokenizer, prompt_text, messages, completion)
@@ -150,6 +190,7 @@ def read_reward_model(path: str | Path) -> RewardModelInfo:
         max_length=context,
         dtype=checkpoint_dtype(config),
         max_chars=max_text_chars(tokenizer, context),
+        stats=read_stats(directory),
     )
 
 

@@ -8,15 +8,48 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+def _named(value: str) -> tuple[str, Path]:
+    """NAME=DIR, or DIR named after its last part. A directory whose own name holds "=" must be
+    given as NAME=DIR."""
+    name, equals, directory = value.partition("=")
+    if equals and name and "/" not in name:
+        return name.strip(), Path(directory.strip())
+    path = Path(value)
+    return path.resolve().name, path
 
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="BON_", extra="forbid")
 
     policy: Path = Field(description="HF causal-LM directory that samples the candidates.")
-    reward_model: Path = Field(description="HF sequence-classification directory with one label.")
+    # Repeatable; BON_REWARD_MODEL takes several, comma-separated.
+    reward_model: Annotated[list[str], NoDecode] = Field(
+        description="HF sequence-classification directory with one label, as NAME=DIR or DIR (named "
+        "after the directory); give it again for each further reward model.",
+    )
+    reward_weights: str | None = Field(
+        None, description="NAME=W,... weights of the reward members in mean and uwo (default 1 each)."
+    )
+    reward_combine: Literal["mean", "min", "uwo"] = Field(
+        "mean",
+        description="How several reward members make one reward: their (weighted) mean, their minimum, "
+        "or uwo, the weighted mean minus --reward-uncertainty-penalty x their variance.",
+    )
+    reward_uncertainty_penalty: float = Field(
+        1.0, ge=0, description="uwo's lambda: how much the members' disagreement costs."
+    )
+    reward_function: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="A rule reward member NAME=module:callable, called as (prompt, completion, "
+        "reference) -> float; JSON keyword arguments may follow the callable.",
+    )
+    reward_function_timeout_seconds: float = Field(
+        5.0, gt=0, description="Time a reward function has for one prompt's candidates."
+    )
     served_model_name: str | None = Field(
         None, description="The `model` clients send; defaults to the policy directory's name."
     )
@@ -46,6 +79,11 @@ class Settings(BaseSettings):
     )
     public_metrics: bool = Field(
         False, description="Serve /metrics without a key (for a scraper on a trusted network)."
+    )
+    open_reward_routes: bool = Field(
+        False,
+        description="Serve /get_reward, /classify and /pooling without a key (OpenRLHF's and verl's "
+        "clients send none): only on a network where every caller may score.",
     )
     max_body_bytes: int = Field(
         8 * 2**20, ge=1024, description="Largest request body; larger ones get 413 before being read."
@@ -112,6 +150,54 @@ class Settings(BaseSettings):
         0.5, gt=0, le=1.0, description="Longest time a candidate waits to be committed."
     )
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Server log level.")
+
+    @field_validator("reward_model", "reward_function", mode="before")
+    @classmethod
+    def _listed(cls, value):
+        """One per flag on the command line; comma-separated in the environment."""
+        if isinstance(value, str | Path):
+            return [part.strip() for part in str(value).split(",") if part.strip()]
+        return [str(v) for v in value]
+
+    @model_validator(mode="after")
+    def _members(self):
+        """Member names are unique, and weights name members."""
+        names = [name for name, _ in self.reward_models()] + [name for name, _ in self.reward_functions()]
+        if duplicated := sorted({n for n in names if names.count(n) > 1}):
+            raise ValueError(f"reward member names must be unique; {', '.join(duplicated)} given twice")
+        if unknown := sorted(set(self.weights()) - set(names)):
+            raise ValueError(f"--reward-weights names {', '.join(unknown)}, not a reward member")
+        return self
+
+    def reward_models(self) -> list[tuple[str, Path]]:
+        """(name, directory) of each --reward-model: NAME=DIR, or DIR named after itself."""
+        return [_named(value) for value in self.reward_model]
+
+    def reward_functions(self) -> list[tuple[str, str]]:
+        """(name, module:callable ...) of each --reward-function."""
+        out = []
+        for value in self.reward_function:
+            name, equals, spec = value.partition("=")
+            if not equals or not name.strip() or not spec.strip():
+                raise ValueError(f"--reward-function {value!r}: expected NAME=module:callable")
+            out.append((name.strip(), spec.strip()))
+        return out
+
+    def weights(self) -> dict[str, float]:
+        """--reward-weights as {name: weight}."""
+        weights: dict[str, float] = {}
+        for part in (self.reward_weights or "").split(","):
+            if not part.strip():
+                continue
+            name, equals, value = part.partition("=")
+            try:
+                weight = float(value)
+            except ValueError:
+                weight = -1.0
+            if not equals or weight < 0 or weight != weight:
+                raise ValueError(f"--reward-weights {part!r}: expected NAME=W with W a number >= 0")
+            weights[name.strip()] = weight
+        return weights
 
     @field_validator("api_key", "admin_key", mode="before")
     @classmethod

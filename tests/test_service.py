@@ -21,6 +21,8 @@ from server.policy import PolicyInfo
 from server.prompts import text_prompt
 from server.registry import Checkpoints, Loaded
 from server.reward import RewardModelInfo
+from server.rules import RuleRunner
+from server.selection import Combination
 from server.service import BestOfN
 
 
@@ -43,9 +45,10 @@ async def make_service(tokenizers, sampler, scorer, sample_log=None) -> Service:
         Limits(max_best_of=8, max_batch_tokens=4096, max_prompts=4, max_score_inputs=8, max_score_tokens=512)
     )
     checkpoints = Checkpoints(
-        Loaded(policy, await sampler.load(policy)), Loaded(rm, await scorer.load(rm)), sampler, scorer
+        Loaded(policy, await sampler.load(policy)), {"rm": Loaded(rm, await scorer.load(rm))}, sampler, scorer
     )
-    return Service(checkpoints, admission, BestOfN(sampler, scorer, sample_log, admission))
+    pipeline = BestOfN(sampler, scorer, sample_log, admission, Combination(), RuleRunner([], 5.0))
+    return Service(checkpoints, admission, pipeline)
 
 
 def text(service: Service, prompt: str):
@@ -104,12 +107,16 @@ def test_a_pinned_request_keeps_its_checkpoints_and_the_old_ones_are_released_af
 
     async def scenario():
         service = await make_service(tokenizers, sampler, scorer)
-        old_policy, old_rm = service.checkpoints.policy.weights, service.checkpoints.reward_model.weights
+        old_policy, old_rm = (
+            service.checkpoints.policy.weights,
+            service.checkpoints.reward_models["rm"].weights,
+        )
         async with service.checkpoints.pinned() as pinned:
             new_policy = policy_info(tokenizers, "policy-v2")
             new_rm = rm_info(tokenizers, "rm-v2")
             await service.checkpoints.swap(
-                Loaded(new_policy, await sampler.load(new_policy)), Loaded(new_rm, await scorer.load(new_rm))
+                Loaded(new_policy, await sampler.load(new_policy)),
+                {"rm": Loaded(new_rm, await scorer.load(new_rm))},
             )
             assert sampler.released == [] and scorer.released == []  # the view still holds them
             prompt = text(service, "x")
@@ -304,10 +311,11 @@ def test_a_log_without_the_pruned_column_gains_it_and_raft_reads_only_finished_c
     path = tmp_path / "before_early_rejection.db"
     older = SCHEMA.replace(
         "    created REAL NOT NULL,            -- the request's, repeated for the time-window index\n"
-        "    pruned INTEGER NOT NULL DEFAULT 0 -- stopped by early rejection: partial text, partial reward\n",
+        "    pruned INTEGER NOT NULL DEFAULT 0, -- stopped by early rejection: partial text, partial reward\n"
+        "    rewards TEXT                      -- JSON {member: raw reward}; reward is their combination\n",
         "    created REAL NOT NULL\n",
-    ).replace(", c.created, c.pruned\n", ", c.created\n")
-    assert "pruned" not in older
+    ).replace(", c.created, c.pruned,\n       c.rewards\n", ", c.created\n")
+    assert "pruned" not in older and "rewards TEXT" not in older
     db = sqlite3.connect(path)
     db.executescript(older)
     db.execute("INSERT INTO requests VALUES ('a', '{}', '/p', 'v1', '/rm', 'v2', 10.0)")
@@ -320,7 +328,7 @@ def test_a_log_without_the_pruned_column_gains_it_and_raft_reads_only_finished_c
     db.commit()
     db.close()
     [old] = read_records(path)
-    assert (old["completion"], old["pruned"]) == (" sat", False)
+    assert (old["completion"], old["pruned"], old["rewards"]) == (" sat", False, None)
 
     log = SampleLog(path)
     log.append(

@@ -13,7 +13,7 @@ from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
 from server import metrics
-from server.api import errors
+from server.api import errors, reward_api
 from server.api.errors import failure_response
 from server.api.guard import Guard
 from server.api.openapi import describe, errors_of
@@ -27,6 +27,7 @@ from server.policy import PolicyInfo, probe_ids
 from server.prompts import Prompt
 from server.reload import Reloader
 from server.reward import RewardModelInfo
+from server.rules import Rule
 from server.settings import Settings
 
 __version__ = version("bon")
@@ -83,7 +84,7 @@ async def _warm_up(app: FastAPI, service: Service) -> None:
                 pinned, "warmup", [prompt], SamplingParams(max_tokens=1), n=1, best_of=1, log=False
             )
         app.state.ready = True
-        log.info("ready: policy %s, reward model %s", policy.path, pinned.reward_model.info.path)
+        log.info("ready: policy %s, reward models %s", policy.path, pinned.reward_model_label()[0])
     except Exception:
         log.exception("warm-up failed; the server stays not ready")
 
@@ -91,9 +92,10 @@ async def _warm_up(app: FastAPI, service: Service) -> None:
 def build_app(
     settings: Settings,
     policy: PolicyInfo,
-    reward_model: RewardModelInfo,
+    reward_models: dict[str, RewardModelInfo],
     sampler: Sampler,
     scorer: RewardScorer,
+    rules: list[Rule] | None = None,
 ) -> FastAPI:
     """Wire the engines and the checkpoints into routes.
 
@@ -104,7 +106,7 @@ def build_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        service = await start_service(settings, policy, reward_model, sampler, scorer)
+        service = await start_service(settings, policy, reward_models, sampler, scorer, rules)
         sample_log = service.sample_log
         app.state.service = service
         app.state.reloader = reloader = Reloader(service.checkpoints, sampler, scorer)
@@ -113,7 +115,9 @@ def build_app(
             if settings.watch
             else None
         )
-        for role, info in (("policy", policy), ("reward_model", reward_model)):
+        roles: list[tuple[str, PolicyInfo | RewardModelInfo]] = [("policy", policy)]
+        roles += [("reward_model", rm) for rm in reward_models.values()]
+        for role, info in roles:
             metrics.MODEL_INFO.labels(role=role, path=str(info.path), version=info.version).set(1)
         warm_up = asyncio.create_task(_warm_up(app, service))
         try:
@@ -167,6 +171,7 @@ def build_app(
         return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
 
     app.include_router(router)
+    app.include_router(reward_api.router)
     app.include_router(admin)
     keyed = bool(settings.api_key)
     app.openapi = lambda: (  # type: ignore[method-assign]  # FastAPI's documented way to extend it
@@ -178,6 +183,7 @@ def build_app(
         admin_keys=[key.get_secret_value() for key in settings.admin_key],
         max_body_bytes=settings.max_body_bytes,
         public_metrics=settings.public_metrics,
+        open_reward_routes=settings.open_reward_routes,
         body_seconds=settings.body_timeout_seconds,
     )
     app.add_middleware(_RequestMetrics)  # outermost: counts what the Guard refuses too

@@ -49,6 +49,7 @@ FAILURES: dict[type[failures.Failure], tuple[int, str, bool]] = {
     failures.EngineDead: (503, "engine_dead", False),
     failures.LogBehind: (503, "log_behind", True),
     failures.NonFiniteReward: (500, "non_finite_reward", False),
+    failures.RuleFailed: (500, "reward_function_failed", False),
     failures.SampleLogUnusable: (503, "sample_log_unusable", False),
 }
 
@@ -76,9 +77,11 @@ def error_response(
 
 
 def _field(location: tuple) -> str:
-    """('body', 'messages', 0, 'role') -> 'messages.0.role'."""
-    parts = [str(p) for p in location if p not in ("body", "query", "path")]
-    return ".".join(parts)
+    """('body', 'messages', 0, 'role') -> 'messages.0.role'. Only the first part says where the
+    field was (body, query string, path): a body field may itself be called "query"."""
+    if location and location[0] in ("body", "query", "path"):
+        location = location[1:]
+    return ".".join(str(p) for p in location)
 
 
 async def _api_error(request: Request, error: APIError) -> JSONResponse:

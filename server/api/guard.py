@@ -1,7 +1,8 @@
 """What every request meets before the app reads it: keys, a body-size limit, and a last catch.
 
 A pure ASGI middleware, the outermost one of the app:
-- API keys guard /v1/* (and /metrics unless it is public), admin keys /admin/*, checked on the
+- API keys guard /v1/*, the reward API (unless it is open) and /metrics (unless it is public),
+  admin keys /admin/*, checked on the
   headers alone, so a caller without a key costs no body read or parse;
 - the body is read here, at most `max_body_bytes` of it (413 beyond, from Content-Length before
   reading anything, or as a chunked body streams in), within `body_seconds` (408 past it, and the
@@ -21,6 +22,9 @@ import time
 from server.api.errors import error_response
 
 log = logging.getLogger(__name__)
+
+# The reward API (server/api/reward_api.py): keyed like /v1 unless --open-reward-routes.
+REWARD_ROUTES = ("/get_reward", "/classify", "/pooling")
 
 # A refused request's body is read and dropped up to this many times the body limit (see _refuse).
 DRAINED = 4
@@ -48,6 +52,7 @@ class Guard:
         admin_keys: list[str],
         max_body_bytes: int,
         public_metrics: bool,
+        open_reward_routes: bool,
         body_seconds: float = 30.0,
     ):
         self.app = app
@@ -55,6 +60,7 @@ class Guard:
         self.admin_keys = [key.encode() for key in admin_keys]
         self.max_body_bytes = max_body_bytes
         self.public_metrics = public_metrics
+        self.open_reward_routes = open_reward_routes
         self.body_seconds = body_seconds
 
     def _refusal(self, path: str, headers: dict[bytes, bytes]):
@@ -72,7 +78,11 @@ class Guard:
             if not _known(token, self.admin_keys):
                 return error_response(403, "this key may not use the admin API", code="forbidden")
             return None
-        keyed = path.startswith("/v1/") or (path == "/metrics" and not self.public_metrics)
+        keyed = (
+            path.startswith("/v1/")
+            or (path == "/metrics" and not self.public_metrics)
+            or (path in REWARD_ROUTES and not self.open_reward_routes)
+        )
         if keyed and self.api_keys and not _known(token, self.api_keys):
             return error_response(
                 401, "missing or invalid API key (send Authorization: Bearer <key>)", code="invalid_api_key"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import re
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -24,6 +25,7 @@ from server.engines.contract import SamplingParams
 from server.failures import InvalidInput
 from server.prompts import unicode_text
 from server.rejection import EarlyRejection
+from server.selection import MAX, Selection
 
 Text = Annotated[str, AfterValidator(unicode_text)]
 
@@ -116,6 +118,46 @@ class EarlyRejectionParams(BaseModel):
         return EarlyRejection(self.after_tokens, self.keep)
 
 
+class SelectionParams(BaseModel):
+    """How the returned candidates are chosen among the scored ones (README, Selection rules)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    rule: Literal["max", "soft", "vote"] = Field(
+        "max",
+        description="max: the top n by reward; soft: sampled, P ~ exp(reward / temperature); "
+        "vote: the best of the heaviest answer group.",
+    )
+    temperature: float = Field(1.0, gt=0, description="soft: lower is closer to max.")
+    answer_pattern: Text | None = Field(
+        None, description="vote: a regex with one group, the answer (default: the last number)."
+    )
+    weighting: Literal["reward", "count"] = Field(
+        "reward", description="vote: a group weighs its summed reward, or its size (majority vote)."
+    )
+    length_penalty: float = Field(
+        0.0, ge=0, description="Subtracted x completion tokens from every reward, before the rule."
+    )
+
+    @field_validator("answer_pattern")
+    @classmethod
+    def _one_group(cls, pattern):
+        if pattern is None:
+            return pattern
+        try:
+            groups = re.compile(pattern).groups
+        except re.error as error:
+            raise ValueError(f"answer_pattern is not a regular expression: {error}") from None
+        if groups != 1:
+            raise ValueError(f"answer_pattern must have exactly one group (the answer), not {groups}")
+        return pattern
+
+    def rule_of(self) -> Selection:
+        return Selection(
+            self.rule, self.temperature, self.answer_pattern, self.weighting, self.length_penalty
+        )
+
+
 class _Sampling(_Request):
     """Fields shared by completions and chat completions."""
 
@@ -134,6 +176,12 @@ class _Sampling(_Request):
     seed: int | None = Field(None, ge=0, lt=2**63)
     stream: bool = False
     return_candidates: bool = False
+    selection: SelectionParams | None = None
+    reference: Text | list[Text | None] | None = Field(
+        None,
+        description="The known answer, for rule reward members (--reward-function): a string, or "
+        "one per prompt (null where unknown).",
+    )
     log: bool = Field(True, description="false keeps this request's candidates out of the log.")
     early_rejection: EarlyRejectionParams | None = Field(
         None,
@@ -192,6 +240,17 @@ class _Sampling(_Request):
             )
         return stream
 
+    def selection_rule(self) -> Selection:
+        return self.selection.rule_of() if self.selection is not None else MAX
+
+    def references(self, prompts: int) -> list[str | None]:
+        """One known answer (or None) per prompt, for the rule reward members."""
+        if self.reference is None:
+            return [None] * prompts
+        if isinstance(self.reference, str):
+            return [self.reference] * prompts
+        return list(self.reference)
+
     def rejection(self) -> EarlyRejection | None:
         return self.early_rejection.rule() if self.early_rejection is not None else None
 
@@ -234,6 +293,14 @@ class CompletionRequest(_Sampling):
     def prompts(self) -> list[str]:
         return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
 
+    @model_validator(mode="after")
+    def _a_reference_per_prompt(self):
+        if isinstance(self.reference, list) and len(self.reference) != len(self.prompts()):
+            raise ValueError(
+                f"reference has {len(self.reference)} entries but there are {len(self.prompts())} prompts"
+            )
+        return self
+
 
 class ChatCompletionRequest(_Sampling):
     model_config = ConfigDict(
@@ -245,6 +312,12 @@ class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     # The chat API's newer name for max_tokens; either may be given.
     max_completion_tokens: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _one_reference(self):
+        if isinstance(self.reference, list) and len(self.reference) != 1:
+            raise ValueError("a chat request has one conversation: give reference as a string")
+        return self
 
     @model_validator(mode="after")
     def _one_max_tokens(self):
@@ -260,6 +333,7 @@ class ScorePair(BaseModel):
 
     prompt: Text | list[ChatMessage]
     response: Text
+    reference: Text | None = None  # the known answer, for rule reward members
 
 
 class ScoreRequest(_Request):
@@ -277,13 +351,14 @@ class ScoreRequest(_Request):
     model: str | None = None
     prompt: Text | list[ChatMessage] | None = None
     responses: list[Text] | None = None
+    reference: Text | None = Field(None, description="The known answer, with prompt and responses.")
     pairs: list[ScorePair] | None = None
 
     @model_validator(mode="after")
     def _one_form(self):
         if self.pairs is not None:
-            if self.prompt is not None or self.responses is not None:
-                raise ValueError("give either pairs, or prompt with responses, not both")
+            if self.prompt is not None or self.responses is not None or self.reference is not None:
+                raise ValueError("give either pairs, or prompt with responses (and reference), not both")
             if not self.pairs:
                 raise ValueError("pairs is empty")
         elif self.prompt is None or not self.responses:
@@ -296,7 +371,7 @@ class ScoreRequest(_Request):
         prompt = self.prompt
         if prompt is None:  # never past the validator: pairs, or a prompt with responses
             return []
-        return [ScorePair(prompt=prompt, response=r) for r in self.responses or []]
+        return [ScorePair(prompt=prompt, response=r, reference=self.reference) for r in self.responses or []]
 
 
 class FeedbackRequest(BaseModel):
@@ -341,10 +416,17 @@ class ReloadRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     policy: Text | None = Field(None, min_length=1)
-    reward_model: Text | None = Field(None, min_length=1)
+    reward_model: Text | None = Field(
+        None, min_length=1, description="The reward model's new directory, when the server has one."
+    )
+    reward_models: dict[str, Text] | None = Field(
+        None, description="New directories by reward member name; reloaded one at a time."
+    )
 
     @model_validator(mode="after")
     def _something(self):
-        if self.policy is None and self.reward_model is None:
-            raise ValueError("give policy and/or reward_model (checkpoint directories)")
+        if self.policy is None and self.reward_model is None and not self.reward_models:
+            raise ValueError("give policy, reward_model or reward_models (checkpoint directories)")
+        if self.reward_model is not None and self.reward_models is not None:
+            raise ValueError("give reward_model or reward_models, not both")
         return self

@@ -11,7 +11,7 @@ from typing import Literal
 
 from pydantic import BaseModel
 
-from server.service import BestOfNResult
+from server.service import BestOfNResult, groups_out
 
 FinishReason = Literal["stop", "length"]
 
@@ -44,8 +44,24 @@ class CandidateOut(BaseModel):
     index: int
     text: str
     reward: float
+    rewards: dict[str, float]  # each reward member's raw reward, by name
+    completion_tokens: int  # generated tokens, eos included: what length_penalty counts
     finish_reason: FinishReason
     pruned: bool  # stopped by early rejection: text and reward are partial
+
+
+class VoteGroupOut(BaseModel):
+    answer: str
+    size: int
+    weight: float  # summed reward (weighting "reward") or size ("count")
+
+
+class SelectionOut(BaseModel):
+    """How one prompt's returned candidates were chosen (given when the request sets `selection`)."""
+
+    rule: Literal["max", "soft", "vote"]
+    chosen: list[int]  # candidate indices returned, in order
+    groups: list[VoteGroupOut] | None = None  # vote: every answer group, heaviest first
 
 
 class CompletionChoice(BaseModel):
@@ -53,7 +69,8 @@ class CompletionChoice(BaseModel):
     text: str
     logprobs: None = None
     finish_reason: FinishReason
-    reward: float  # the reward model's raw logit
+    reward: float  # the reward model's raw logit (several members: their combination)
+    rewards: dict[str, float]  # each reward member's raw reward, by name
 
 
 class CompletionResponse(BaseModel):
@@ -65,6 +82,7 @@ class CompletionResponse(BaseModel):
     choices: list[CompletionChoice]
     usage: Usage
     candidates: list[CandidateOut] | None = None
+    selection: list[SelectionOut] | None = None  # one per prompt
 
 
 class AssistantMessage(BaseModel):
@@ -78,6 +96,7 @@ class ChatChoice(BaseModel):
     logprobs: None = None
     finish_reason: FinishReason
     reward: float
+    rewards: dict[str, float]
 
 
 class ChatCompletionResponse(BaseModel):
@@ -89,6 +108,7 @@ class ChatCompletionResponse(BaseModel):
     choices: list[ChatChoice]
     usage: Usage
     candidates: list[CandidateOut] | None = None
+    selection: list[SelectionOut] | None = None  # one per prompt
 
 
 class CompletionChunk(BaseModel):
@@ -113,6 +133,7 @@ class ChatChunkChoice(BaseModel):
     delta: ChatDelta
     finish_reason: FinishReason
     reward: float
+    rewards: dict[str, float]
 
 
 class ChatCompletionChunk(BaseModel):
@@ -129,7 +150,8 @@ class ChatCompletionChunk(BaseModel):
 
 class ScoreItem(BaseModel):
     index: int
-    reward: float
+    reward: float  # several reward members: their combination
+    rewards: dict[str, float]  # each member's raw reward, by name
 
 
 class ScoreResponse(BaseModel):
@@ -146,8 +168,9 @@ class ModelCard(BaseModel):
     owned_by: str
     root: str  # the policy directory
     policy_version: str
-    reward_model: str
+    reward_model: str  # several: name=path, comma-separated
     reward_model_version: str
+    reward_models: dict[str, LoadedCheckpoint]  # by member name
 
 
 class ModelList(BaseModel):
@@ -168,7 +191,8 @@ class LoadedCheckpoint(BaseModel):
 
 class ReloadResponse(BaseModel):
     policy: LoadedCheckpoint
-    reward_model: LoadedCheckpoint
+    reward_model: LoadedCheckpoint  # the first reward model
+    reward_models: dict[str, LoadedCheckpoint]
 
 
 class Health(BaseModel):
@@ -192,6 +216,8 @@ def _candidates(results: list[BestOfNResult]) -> list[CandidateOut]:
             index=i,
             text=s.candidate.text,
             reward=s.reward,
+            rewards=s.score.members,
+            completion_tokens=len(s.candidate.token_ids),
             finish_reason=s.candidate.finish_reason,
             pruned=s.pruned,
         )
@@ -216,6 +242,7 @@ def completion_body(
             logprobs=None,
             finish_reason=result.candidates[c].candidate.finish_reason,
             reward=result.candidates[c].reward,
+            rewards=result.candidates[c].score.members,
         )
         for p, result in enumerate(results)
         for j, c in enumerate(result.chosen)
@@ -244,6 +271,7 @@ def chat_body(
             logprobs=None,
             finish_reason=result.candidates[c].candidate.finish_reason,
             reward=result.candidates[c].reward,
+            rewards=result.candidates[c].score.members,
         )
         for j, c in enumerate(result.chosen)
     ]
@@ -278,6 +306,7 @@ def as_stream(body: CompletionResponse | ChatCompletionResponse) -> Iterator[str
                 delta=ChatDelta(role="assistant", content=c.message.content),
                 finish_reason=c.finish_reason,
                 reward=c.reward,
+                rewards=c.rewards,
             )
             for c in body.choices
         ]
@@ -286,3 +315,9 @@ def as_stream(body: CompletionResponse | ChatCompletionResponse) -> Iterator[str
         chunk = CompletionChunk(object="text_completion", choices=body.choices, **common)
     yield f"data: {chunk.model_dump_json(exclude_unset=True)}\n\n"
     yield "data: [DONE]\n\n"
+
+
+def selection_out(result: BestOfNResult) -> SelectionOut:
+    choice = result.choice
+    groups = None if choice.groups is None else [VoteGroupOut(**g) for g in groups_out(choice)]
+    return SelectionOut(rule=choice.rule, chosen=choice.chosen, groups=groups)

@@ -7,6 +7,7 @@ import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request
@@ -26,6 +27,7 @@ from server.api.responses import (
     ChatCompletionResponse,
     CompletionResponse,
     FeedbackResponse,
+    LoadedCheckpoint,
     ModelCard,
     ModelList,
     ReloadResponse,
@@ -34,6 +36,7 @@ from server.api.responses import (
     as_stream,
     chat_body,
     completion_body,
+    selection_out,
 )
 from server.assembly import Service
 from server.engines.contract import SamplingParams
@@ -94,7 +97,8 @@ router = APIRouter(prefix="/v1", responses=errors_of(*V1_ERRORS))
 
 
 def _model_card(request: Request, pinned: Pinned) -> ModelCard:
-    policy, reward_model = pinned.policy.info, pinned.reward_model.info
+    policy = pinned.policy.info
+    paths, versions = pinned.reward_model_label()
     return ModelCard(
         id=request.app.state.model_name,
         object="model",
@@ -102,8 +106,12 @@ def _model_card(request: Request, pinned: Pinned) -> ModelCard:
         owned_by="bon",
         root=str(policy.path),
         policy_version=policy.version,
-        reward_model=str(reward_model.path),
-        reward_model_version=reward_model.version,
+        reward_model=paths,
+        reward_model_version=versions,
+        reward_models={
+            name: LoadedCheckpoint(path=str(rm.info.path), version=rm.info.version)
+            for name, rm in pinned.reward_models.items()
+        },
     )
 
 
@@ -138,15 +146,26 @@ async def completions(body: CompletionRequest, request: Request, pinned: Checkpo
     body.refuse_unsupported()
     _check_model(request, pinned, body.model)
     prompts = await service.admission.text_prompts(pinned.policy.info, body.prompts())
+    prompts = [replace(p, reference=r) for p, r in zip(prompts, body.references(len(prompts)), strict=True)]
     params = _params(request, service.admission, pinned, body, prompts)
     request_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     run = service.best_of_n.run(
-        pinned, request_id, prompts, params, body.n, body.sampled, body.log, body.rejection()
+        pinned,
+        request_id,
+        prompts,
+        params,
+        body.n,
+        body.sampled,
+        body.log,
+        body.rejection(),
+        body.selection_rule(),
     )
     results = await _until_disconnect(request, run)
     response = completion_body(
         request_id, created, body.model, pinned.fingerprint, results, body.n, body.return_candidates
     )
+    if body.selection is not None:
+        response.selection = [selection_out(result) for result in results]
     return _maybe_stream(response, body.stream)
 
 
@@ -158,13 +177,24 @@ async def chat_completions(
     body.refuse_unsupported()
     _check_model(request, pinned, body.model)
     prompt = await service.admission.chat_prompt(pinned.policy.info, [m.plain() for m in body.messages])
+    prompt = replace(prompt, reference=body.references(1)[0])
     params = _params(request, service.admission, pinned, body, [prompt])
     request_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     run = service.best_of_n.run(
-        pinned, request_id, [prompt], params, body.n, body.sampled, body.log, body.rejection()
+        pinned,
+        request_id,
+        [prompt],
+        params,
+        body.n,
+        body.sampled,
+        body.log,
+        body.rejection(),
+        body.selection_rule(),
     )
     [result] = await _until_disconnect(request, run)
     response = chat_body(request_id, created, body.model, pinned.fingerprint, result, body.return_candidates)
+    if body.selection is not None:
+        response.selection = [selection_out(result)]
     return _maybe_stream(response, body.stream)
 
 
@@ -173,19 +203,20 @@ async def score(body: ScoreRequest, request: Request, pinned: Checkpoints, servi
     """Rewards of given responses (one prompt, many responses; or unrelated pairs), in input order."""
     body.refuse_unsupported()
     _check_model(request, pinned, body.model)
+    given = body.as_pairs()
     pairs = [
-        (p.prompt if isinstance(p.prompt, str) else [m.plain() for m in p.prompt], p.response)
-        for p in body.as_pairs()
+        (p.prompt if isinstance(p.prompt, str) else [m.plain() for m in p.prompt], p.response) for p in given
     ]
     field = "pairs" if body.pairs is not None else "responses"
-    rm, policy_tokenizer = pinned.reward_model.info, pinned.policy.info.tokenizer
-    inputs = await service.admission.score_inputs(rm, policy_tokenizer, pairs, field)
-    rewards = await _until_disconnect(request, service.best_of_n.score(pinned, inputs))
+    references = [p.reference for p in given]
+    rewards = await _until_disconnect(
+        request, service.best_of_n.score_pairs(pinned, pairs, references, field)
+    )
     return ScoreResponse(
         object="list",
         model=request.app.state.model_name,
-        reward_model=str(rm.path),
-        data=[ScoreItem(index=i, reward=r.value) for i, r in enumerate(rewards)],
+        reward_model=pinned.reward_model_label()[0],
+        data=[ScoreItem(index=i, reward=r.value, rewards=r.members) for i, r in enumerate(rewards)],
     )
 
 
@@ -246,6 +277,17 @@ admin = APIRouter(prefix="/admin", responses=errors_of(*ADMIN_ERRORS))
 @admin.post("/reload")
 async def reload(body: ReloadRequest, request: Request) -> ReloadResponse:
     """Load new checkpoints and switch to them; in-flight requests finish on the old ones."""
-    return ReloadResponse.model_validate(
-        await request.app.state.reloader.reload(body.policy, body.reward_model)
-    )
+    reloader = request.app.state.reloader
+    members = body.reward_models
+    if body.reward_model is not None:
+        names = list(reloader.checkpoints.reward_models)
+        if len(names) > 1:
+            raise APIError(
+                400,
+                f"this server has {len(names)} reward models ({', '.join(names)}): name the one to "
+                'reload, as {"reward_models": {NAME: DIR}}',
+                "reward_model",
+                "invalid_value",
+            )
+        members = {names[0]: body.reward_model}
+    return ReloadResponse.model_validate(await reloader.reload(body.policy, members))

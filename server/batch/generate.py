@@ -114,7 +114,11 @@ async def run(args) -> dict[str, Any]:
         max_queued_prompts=args.window, sample_log=args.sample_log, **engines,
     )  # fmt: skip
     service = await start_service(
-        settings, policy, reward_model, build_sampler(settings), build_scorer(settings)
+        settings,
+        policy,
+        {settings.reward_models()[0][0]: reward_model},
+        build_sampler(settings),
+        build_scorer(settings),
     )
     sample_log = service.sample_log
     assert sample_log is not None  # the settings above keep one: it is what the job writes

@@ -63,14 +63,16 @@ CREATE TABLE IF NOT EXISTS completions (
     completion_tokens INTEGER NOT NULL,
     reward_truncated INTEGER NOT NULL,
     created REAL NOT NULL,            -- the request's, repeated for the time-window index
-    pruned INTEGER NOT NULL DEFAULT 0 -- stopped by early rejection: partial text, partial reward
+    pruned INTEGER NOT NULL DEFAULT 0, -- stopped by early rejection: partial text, partial reward
+    rewards TEXT                      -- JSON {member: raw reward}; reward is their combination
 );
 CREATE INDEX IF NOT EXISTS completions_request ON completions (request_id);
 CREATE INDEX IF NOT EXISTS completions_created ON completions (created);
 CREATE VIEW IF NOT EXISTS candidates AS
 SELECT c.id, c.request_id, c.prompt_index, c.candidate_index, p.prompt, c.completion, c.reward,
        c.rank, c.finish_reason, r.policy, r.policy_version, r.reward_model, r.reward_model_version,
-       r.params, p.prompt_tokens, c.completion_tokens, c.reward_truncated, c.created, c.pruned
+       r.params, p.prompt_tokens, c.completion_tokens, c.reward_truncated, c.created, c.pruned,
+       c.rewards
 FROM completions c
 JOIN prompts p ON p.request_id = c.request_id AND p.prompt_index = c.prompt_index
 JOIN requests r ON r.request_id = c.request_id;
@@ -104,6 +106,12 @@ ALTER TABLE completions ADD COLUMN pruned INTEGER NOT NULL DEFAULT 0;
 DROP VIEW candidates;
 """
 
+# A log written before several reward models has no rewards column; the view is rebuilt to show it.
+ADD_REWARDS = """
+ALTER TABLE completions ADD COLUMN rewards TEXT;
+DROP VIEW IF EXISTS candidates;
+"""
+
 # The columns of one candidate as `read_records` returns it (the `candidates` view, less its id).
 COLUMNS = (
     "request_id",
@@ -124,6 +132,7 @@ COLUMNS = (
     "reward_truncated",
     "created",
     "pruned",
+    "rewards",
 )
 
 
@@ -140,6 +149,7 @@ class CompletionRecord:
     completion_tokens: int
     reward_truncated: bool
     pruned: bool = False
+    rewards: dict[str, float] | None = None  # every member's raw reward, by name
 
 
 @dataclass
@@ -186,12 +196,12 @@ class RequestRecord:
         )
         connection.executemany(
             "INSERT INTO completions (request_id, prompt_index, candidate_index, completion, reward, "
-            "rank, finish_reason, completion_tokens, reward_truncated, created, pruned) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "rank, finish_reason, completion_tokens, reward_truncated, created, pruned, rewards) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             [
                 (self.request_id, c.prompt_index, c.candidate_index, c.completion, c.reward, c.rank,
                  c.finish_reason, c.completion_tokens, int(c.reward_truncated), self.created,
-                 int(c.pruned))
+                 int(c.pruned), None if c.rewards is None else json.dumps(c.rewards))
                 for c in self.completions
             ],
         )  # fmt: skip
@@ -234,6 +244,10 @@ def _connect(path: Path) -> sqlite3.Connection:
     if columns and "pruned" not in columns:
         log.info("migrating candidate log %s: a pruned column for early rejection", path)
         connection.executescript(f"BEGIN; {ADD_PRUNED} COMMIT;")
+        columns.add("pruned")
+    if columns and "rewards" not in columns:
+        log.info("migrating candidate log %s: a rewards column for several reward models", path)
+        connection.executescript(f"BEGIN; {ADD_REWARDS} COMMIT;")
     connection.executescript(SCHEMA)
     return connection
 
@@ -249,7 +263,9 @@ def _open_read_only(path: Path) -> sqlite3.Connection:
     connection = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     kind = connection.execute("SELECT type FROM sqlite_master WHERE name = 'candidates'").fetchone()
     columns = {row[1] for row in connection.execute("PRAGMA table_info(completions)")}
-    if kind == ("table",) or "pruned" not in columns:  # an older layout: migrated (once) before it is read
+    if (
+        kind == ("table",) or not {"pruned", "rewards"} <= columns
+    ):  # an older layout: migrated (once) before it is read
         connection.close()
         connect(path).close()
         connection = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
@@ -283,6 +299,7 @@ def read_records(
         record["params"] = json.loads(record["params"])
         record["reward_truncated"] = bool(record["reward_truncated"])
         record["pruned"] = bool(record["pruned"])
+        record["rewards"] = json.loads(record["rewards"]) if record["rewards"] is not None else None
         records.append(record)
     return records
 
