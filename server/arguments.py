@@ -49,8 +49,17 @@ def score_parser() -> argparse.ArgumentParser:
         "-o", "--output", type=Path, required=True, help="where the scored rows go (.jsonl or .parquet)"
     )
     required.add_argument(
-        "--reward-model", type=Path, required=True, help="HF sequence-classification directory"
+        "--reward-model",
+        action="append",
+        required=True,
+        help="HF sequence-classification directory, as NAME=DIR or DIR; repeatable: several are "
+        "combined as bon serve combines them, each one's raw reward in reward_members (rewards_members)",
     )
+    parser.add_argument(
+        "--reward-combine", choices=["mean", "min", "uwo"], default="mean", help="as bon serve's"
+    )
+    parser.add_argument("--reward-weights", help="NAME=W,... as bon serve's (default 1 each)")
+    parser.add_argument("--reward-uncertainty-penalty", type=float, default=1.0, help="uwo's lambda")
     parser.add_argument(
         "--policy",
         type=Path,

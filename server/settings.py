@@ -11,15 +11,8 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-
-def _named(value: str) -> tuple[str, Path]:
-    """NAME=DIR, or DIR named after its last part. A directory whose own name holds "=" must be
-    given as NAME=DIR."""
-    name, equals, directory = value.partition("=")
-    if equals and name and "/" not in name:
-        return name.strip(), Path(directory.strip())
-    path = Path(value)
-    return path.resolve().name, path
+from server.reward import member_name
+from server.selection import parse_weights
 
 
 class Settings(BaseSettings):
@@ -171,7 +164,7 @@ class Settings(BaseSettings):
 
     def reward_models(self) -> list[tuple[str, Path]]:
         """(name, directory) of each --reward-model: NAME=DIR, or DIR named after itself."""
-        return [_named(value) for value in self.reward_model]
+        return [member_name(value) for value in self.reward_model]
 
     def reward_functions(self) -> list[tuple[str, str]]:
         """(name, module:callable ...) of each --reward-function."""
@@ -185,19 +178,7 @@ class Settings(BaseSettings):
 
     def weights(self) -> dict[str, float]:
         """--reward-weights as {name: weight}."""
-        weights: dict[str, float] = {}
-        for part in (self.reward_weights or "").split(","):
-            if not part.strip():
-                continue
-            name, equals, value = part.partition("=")
-            try:
-                weight = float(value)
-            except ValueError:
-                weight = -1.0
-            if not equals or weight < 0 or weight != weight:
-                raise ValueError(f"--reward-weights {part!r}: expected NAME=W with W a number >= 0")
-            weights[name.strip()] = weight
-        return weights
+        return parse_weights(self.reward_weights)
 
     @field_validator("api_key", "admin_key", mode="before")
     @classmethod

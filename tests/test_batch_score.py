@@ -241,3 +241,32 @@ def test_a_journal_line_cut_off_by_a_crash_does_not_hide_the_windows_written_aft
     resumed.finish(3)
     assert resumed.merge(3, lambda record: None) == 3
     assert read_jsonl(out) == [{"row": 0}, {"row": 1}, {"row": 2}]
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".parquet"])
+def test_several_reward_models_are_combined_and_each_kept_by_name(models, tmp_path, suffix):
+    """Two reward models with different tokenizers, one standardised by its reward_stats.json, the
+    other raw; --reward-combine min. Each member's reward is a plain forward's, and "reward" is
+    the minimum of the standardised values."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    shutil.copytree(models["llama_rm"], a)
+    shutil.copytree(models["gpt2_rm_plain"], b)
+    (a / "reward_stats.json").write_text(json.dumps({"mean": 0.2, "std": 3.0}))
+    rows = [
+        {"prompt": "2 + 3 =", "response": " 5"},
+        {"prompt": "colour:", "responses": [" red", " blue green"]},
+    ]
+    source = write_jsonl(tmp_path / "rows.jsonl", rows)
+    out = tmp_path / f"scored{suffix}"
+    summary_of(bon_score(source, "-o", out, "--reward-model", f"first={a}", "--reward-model", b,
+                         "--reward-combine", "min"))  # fmt: skip
+    written = read_jsonl(out) if suffix == ".jsonl" else pq.read_table(out).to_pylist()
+    single, listed = written
+    pairs = [(single, "2 + 3 =", " 5", single["reward_members"], single["reward"])] + [
+        (listed, "colour:", r, listed["rewards_members"][i], listed["rewards"][i])
+        for i, r in enumerate([" red", " blue green"])
+    ]
+    for _, prompt, response, members, combined in pairs:
+        raw = {"first": completion_reward(a, prompt, response), "b": completion_reward(b, prompt, response)}
+        assert members == pytest.approx(raw, rel=1e-4)
+        assert combined == pytest.approx(min((members["first"] - 0.2) / 3.0, members["b"]), rel=1e-6)

@@ -22,7 +22,7 @@ from trainers.data import (
 from trainers.engine import TrainArgs, make_accelerator, publish
 from trainers.losses import IGNORE, bradley_terry_loss, completion_loss, reward_centering
 from trainers.raft import Sample, Selection, raft_from_log, samples_from_log, select
-from trainers.reward import shrink_toward_fresh, train_reward_model
+from trainers.reward import encode_response, shrink_toward_fresh, train_reward_model
 from trainers.sft import encode, finetune
 
 
@@ -115,6 +115,13 @@ def test_reward_training_forwards_all_k_responses_once_per_step(models, tmp_path
     rm = load_reward_model(tmp_path / "rm", "cpu", "float32")  # bon serve loads it unchanged
     assert rm.model.config.num_labels == 1 and rm.model.config.pad_token_id is not None
     assert (tmp_path / "rm" / "training_curves.png").stat().st_size > 0
+    # reward_stats.json: the published model's reward distribution over its training responses,
+    # recomputed here with the loaded model on the server's input rule.
+    stats = json.loads((tmp_path / "rm" / "reward_stats.json").read_text())
+    inputs = [encode_response(rm.tokenizer, g.prompt, r, 64) for g in groups for r in g.responses]
+    rewards = torch.tensor(rm.score(inputs))
+    assert stats["mean"] == pytest.approx(rewards.mean().item(), abs=1e-4)
+    assert stats["std"] == pytest.approx(rewards.std(unbiased=False).item(), rel=1e-3)
 
 
 @pytest.mark.parametrize("arch", ["gpt2_policy", "llama_policy"])

@@ -29,7 +29,7 @@ from transformers.utils import logging as hf_logging
 from server.checkpoints import checkpoint_dir, pad_with_eos
 from server.engines.hf.models import LastTokenReward, pad_right
 from server.prompts import scoring_input
-from server.reward import fit_tail
+from server.reward import fit_tail, write_stats
 from trainers.arguments import TrainArgs, rm_parser, train_args
 from trainers.data import PreferenceGroup, RecipeError, load_feedback, load_preferences
 from trainers.engine import (
@@ -121,6 +121,18 @@ def evaluate(model: torch.nn.Module, groups: list[EncodedGroup], pad_id: int, de
         "eval_reward_mean": rewards.mean().item(),
         "eval_reward_std": rewards.std().item() if len(rewards) > 1 else 0.0,
     }
+
+
+@torch.no_grad()
+def training_rewards(model: torch.nn.Module, groups: list[EncodedGroup], pad_id: int, device) -> list[float]:
+    """The trained model's reward of every training response, in batches of 16 groups (dropout
+    off: the rewards it will serve)."""
+    model.eval()
+    rewards: list[float] = []
+    for start in range(0, len(groups), 16):
+        batch = collate(groups[start : start + 16], pad_id)
+        rewards += model(batch["input_ids"].to(device), batch["attention_mask"].to(device)).tolist()
+    return rewards
 
 
 @torch.no_grad()
@@ -219,7 +231,14 @@ def train_reward_model(
     )
 
     def write(directory: Path) -> None:
-        trained = mergeable(accelerator.unwrap_model(scorer).model)
+        unwrapped = accelerator.unwrap_model(scorer)
+        # Its reward distribution on what it was trained on: what standardises it beside other
+        # reward models when bon serve combines several (server/reward.py, reward_stats.json).
+        stats = write_stats(
+            directory, training_rewards(unwrapped, encoded, tokenizer.pad_token_id, accelerator.device)
+        )
+        log.info("reward on its training responses: mean %.4f, std %.4f", stats.mean, stats.std)
+        trained = mergeable(unwrapped.model)
         trained.save_pretrained(directory)
         tokenizer.save_pretrained(directory)
         write_history(history, directory, "reward model")

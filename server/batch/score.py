@@ -46,7 +46,8 @@ from server.engines.hf.scorer import padded_tokens, token_budget_chunks
 from server.failures import ContextTooLong
 from server.policy import read_policy
 from server.prompts import unicode_text
-from server.reward import RewardModelInfo, check_finite, read_reward_model
+from server.reward import RewardModelInfo, check_finite, member_name, read_reward_model
+from server.selection import Combination, combine, parse_weights
 from server.threads import apply_torch_threads
 
 log = logging.getLogger(__name__)
@@ -57,7 +58,7 @@ class Scored:
     """One window's rows with their reward-model inputs, flattened across responses."""
 
     records: list[dict[str, Any]]  # the rows kept, in input order
-    inputs: list[list[int]]  # RM token ids, row by row, response by response
+    inputs: dict[str, list[list[int]]]  # per reward model: its token ids, row by row, response by response
     owners: list[tuple[int, int | None]]  # (record index, response index; None: a "response" row)
     skipped: int
 
@@ -102,21 +103,35 @@ def row_inputs(row: Row, rm: RewardModelInfo, policy_tokenizer) -> tuple[list[li
 
 
 class ScoreJob:
-    def __init__(self, rm: RewardModelInfo, policy_tokenizer, scorer, weights, skip_bad_rows: bool):
-        self.rm, self.policy_tokenizer = rm, policy_tokenizer
-        self.scorer, self.weights = scorer, weights
+    """Args:
+    members: the reward models by name, with the handle the scorer loaded each as.
+    combination: how several make one reward (one alone is its raw reward).
+    """
+
+    def __init__(
+        self,
+        members: dict[str, tuple[RewardModelInfo, object]],
+        policy_tokenizer,
+        scorer,
+        combination: Combination,
+        skip_bad_rows: bool,
+    ):
+        self.members, self.policy_tokenizer = members, policy_tokenizer
+        self.scorer, self.combination = scorer, combination
         self.skip_bad_rows = skip_bad_rows
         self.bad_rows = 0  # this run's; the journal counts every run's
         self.tokens = 0
         self.padded_tokens = 0  # tokens of the padded batches a transformers forward runs
 
     def prepare(self, window: list[Row | BadInput]) -> Scored:
-        scored = Scored([], [], [], 0)
+        scored = Scored([], {name: [] for name in self.members}, [], 0)
         for row in window:
             try:
                 if isinstance(row, BadInput):
                     raise row
-                inputs, single = row_inputs(row, self.rm, self.policy_tokenizer)
+                read = {
+                    name: row_inputs(row, rm, self.policy_tokenizer) for name, (rm, _) in self.members.items()
+                }
             except BadInput as error:
                 if not self.skip_bad_rows:
                     raise
@@ -127,33 +142,65 @@ class ScoreJob:
                 continue
             index = len(scored.records)
             scored.records.append(dict(row.record))
-            scored.owners += [(index, None)] if single else [(index, j) for j in range(len(inputs))]
-            scored.inputs += inputs
+            count, single = len(next(iter(read.values()))[0]), next(iter(read.values()))[1]
+            scored.owners += [(index, None)] if single else [(index, j) for j in range(count)]
+            for name, (inputs, _) in read.items():
+                scored.inputs[name] += inputs
             if not single:
-                scored.records[index]["rewards"] = [0.0] * len(inputs)
+                scored.records[index]["rewards"] = [0.0] * count
+                if len(self.members) > 1:
+                    scored.records[index]["rewards_members"] = [{} for _ in range(count)]
         return scored
 
-    async def score(self, scored: Scored, batch_tokens: int) -> None:
-        """Rewards in, sorted by length for the forward passes and put back in input order. A row's
-        responses stay together (ordered by the row's longest), so the scorer runs their shared
-        prompt once."""
+    async def _member(self, name: str, scored: Scored, batch_tokens: int) -> list[float]:
+        """One reward model's rewards, sorted by length for the forward passes and put back in
+        input order. A row's responses stay together (ordered by the row's longest), so the scorer
+        runs their shared prompt once."""
+        rm, weights = self.members[name]
+        inputs = scored.inputs[name]
         longest: dict[int, int] = {}
-        for (owner, _), ids in zip(scored.owners, scored.inputs, strict=True):
+        for (owner, _), ids in zip(scored.owners, inputs, strict=True):
             longest[owner] = max(longest.get(owner, 0), len(ids))
-        order = sorted(
-            range(len(scored.inputs)), key=lambda i: (longest[scored.owners[i][0]], scored.owners[i][0])
-        )
-        by_length = [scored.inputs[i] for i in order]
-        rewards = check_finite(await self.scorer.score(by_length, self.weights), self.rm.path)
+        order = sorted(range(len(inputs)), key=lambda i: (longest[scored.owners[i][0]], scored.owners[i][0]))
+        by_length = [inputs[i] for i in order]
+        rewards = check_finite(await self.scorer.score(by_length, weights), rm.path)
         self.tokens += sum(len(ids) for ids in by_length)
         self.padded_tokens += sum(map(padded_tokens, token_budget_chunks(by_length, batch_tokens)))
-        for position, reward in zip(order, (r.value for r in rewards), strict=True):
-            record_index, response_index = scored.owners[position]
+        values = [0.0] * len(inputs)
+        for position, reward in zip(order, rewards, strict=True):
+            values[position] = reward.value
+        return values
+
+    async def score(self, scored: Scored, batch_tokens: int) -> None:
+        """Every member's rewards in, combined: "reward" (or "rewards"), and with several reward
+        models each one's raw reward by name in "reward_members" (or "rewards_members")."""
+        raw = {name: await self._member(name, scored, batch_tokens) for name in self.members}
+        stats = {name: rm.stats for name, (rm, _) in self.members.items()}
+        several = len(self.members) > 1
+        for (record_index, response_index), reward in zip(
+            scored.owners, combine(raw, stats, self.combination), strict=True
+        ):
             record = scored.records[record_index]
             if response_index is None:
-                record["reward"] = reward
+                record["reward"] = reward.value
+                if several:
+                    record["reward_members"] = reward.members
             else:
-                record["rewards"][response_index] = reward
+                record["rewards"][response_index] = reward.value
+                if several:
+                    record["rewards_members"][response_index] = reward.members
+
+
+def added_columns(names: list[str]) -> dict[str, list[tuple[str, pa.DataType]]]:
+    """What a job adds for each input field: the reward(s), and with several reward models each
+    one's raw reward by name."""
+    member = pa.struct([(name, pa.float64()) for name in names])
+    single: list[tuple[str, pa.DataType]] = [("reward", pa.float64())]
+    several: list[tuple[str, pa.DataType]] = [("rewards", pa.list_(pa.float64()))]
+    if len(names) > 1:
+        single.append(("reward_members", member))
+        several.append(("rewards_members", pa.list_(member)))
+    return {"response": single, "responses": several}
 
 
 def reward_summary(rewards: array) -> dict[str, float]:
@@ -185,9 +232,10 @@ def _scorer(args):
     given = {"reward_engine": args.engine} if args.engine else {}
     # Settings is the server's: a scoring job has no policy, so the field names the RM (never loaded
     # as one); the vLLM options come from BON_VLLM_* like the server's.
+    directory = member_name(args.reward_model[0])[1]
     settings = Settings(
-        policy=args.reward_model,
-        reward_model=args.reward_model,
+        policy=directory,
+        reward_model=[str(directory)],
         device=device,
         dtype=args.dtype,
         max_batch_tokens=args.batch_tokens,
@@ -205,27 +253,42 @@ async def run(args) -> dict[str, Any]:
         raise BadInput(f"{args.input}: no such file")
     if same_file(args.input, args.output):
         raise BadInput(f"-o {args.output} is the input file; write the scores elsewhere")
+    named = [member_name(value) for value in args.reward_model]
+    if duplicated := sorted({n for n, _ in named if [m for m, _ in named].count(n) > 1}):
+        raise BadInput(f"reward model names must be unique; {', '.join(duplicated)} given twice")
+    try:
+        combination = Combination(
+            args.reward_combine, parse_weights(args.reward_weights), args.reward_uncertainty_penalty
+        )
+    except ValueError as error:
+        raise BadInput(str(error)) from None
+    if unknown := sorted(set(combination.weights) - {n for n, _ in named}):
+        raise BadInput(f"--reward-weights names {', '.join(unknown)}, not a --reward-model")
     # Decided before any scoring: a field whose type changes between rows fails now.
     schema = (
-        output_schema(
-            args.input,
-            args.window_rows,
-            {"response": ("reward", pa.float64()), "responses": ("rewards", pa.list_(pa.float64()))},
-        )
+        output_schema(args.input, args.window_rows, added_columns([n for n, _ in named]))
         if table_format(args.output) == "parquet"
         else None
     )
-    rm = read_reward_model(args.reward_model)
-    policy_tokenizer = read_policy(args.policy).tokenizer if args.policy else rm.tokenizer
+    members = {name: read_reward_model(directory) for name, directory in named}
+    first = next(iter(members.values()))
+    policy_tokenizer = read_policy(args.policy).tokenizer if args.policy else first.tokenizer
     identity = job_identity(
-        args.input, window_rows=args.window_rows, world=world, reward_model=str(rm.path), version=rm.version
+        args.input,
+        window_rows=args.window_rows,
+        world=world,
+        reward_model=",".join(f"{n}={rm.path}" for n, rm in members.items()),
+        version=",".join(rm.version for rm in members.values()),
+        combination=[args.reward_combine, combination.weights, args.reward_uncertainty_penalty],
     )
     journal = Journal(args.output, rank, world, identity)
     if args.resume and args.output.exists() and not journal.leftovers():
         return {"output": str(args.output.resolve()), "note": "already complete; nothing to do"}
     last_done = journal.open(args.resume)
     try:
-        return await _score(args, rm, policy_tokenizer, journal, last_done, schema, rank, world)
+        return await _score(
+            args, members, combination, policy_tokenizer, journal, last_done, schema, rank, world
+        )
     except BadInput:
         if journal.started_here:  # a user's mistake before any resumable work: start clean next time
             journal.remove_leftovers()
@@ -234,10 +297,21 @@ async def run(args) -> dict[str, Any]:
         journal.unlock()
 
 
-async def _score(args, rm, policy_tokenizer, journal: Journal, last_done: int, schema, rank: int, world: int):
+async def _score(
+    args,
+    members,
+    combination,
+    policy_tokenizer,
+    journal: Journal,
+    last_done: int,
+    schema,
+    rank: int,
+    world: int,
+):
     scorer, engine = _scorer(args)
     try:
-        job = ScoreJob(rm, policy_tokenizer, scorer, await scorer.load(rm), args.skip_bad_rows)
+        loaded = {name: (rm, await scorer.load(rm)) for name, rm in members.items()}
+        job = ScoreJob(loaded, policy_tokenizer, scorer, combination, args.skip_bad_rows)
         started = time.monotonic()  # the job's time: reading, tokenizing, scoring, writing
         total = count_rows(args.input)
         bar = tqdm(total=total, unit=" rows", disable=rank != 0, dynamic_ncols=True)

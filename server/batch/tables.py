@@ -128,11 +128,11 @@ def _parquet_file(path: Path) -> pq.ParquetFile:
         raise BadInput(f"{path}: not a Parquet file, or cut short ({error})") from None
 
 
-def output_schema(path: Path, window: int, added: dict[str, tuple[str, pa.DataType]]) -> pa.Schema:
+def output_schema(path: Path, window: int, added: dict[str, list[tuple[str, pa.DataType]]]) -> pa.Schema:
     """One Parquet schema for a job's whole output, decided before any work: every field of every
     readable input row (a field only later rows have is kept; ints widen to floats, nulls to
-    anything), plus the fields the job adds: `added` maps an input field to the (name, type) of the
-    field the job writes for it, added when some row has that input field. A field whose type
+    anything), plus the fields the job adds: `added` maps an input field to the (name, type) of
+    each field the job writes for it, added when some row has that input field. A field whose type
     really changes is a BadInput naming it, now rather than after the job."""
     if table_format(path) == "parquet":
         schemas = [_parquet_file(path).schema_arrow]
@@ -144,7 +144,9 @@ def output_schema(path: Path, window: int, added: dict[str, tuple[str, pa.DataTy
                 place = f"{readable[0].place}-{readable[-1].place.rsplit(':', 1)[-1]}"
                 schemas.append(_window_schema([row.record for row in readable], place))
     given = {name for schema in schemas for name in schema.names}
-    schemas.append(pa.schema([field for source, field in added.items() if source in given]))
+    schemas.append(
+        pa.schema([field for source, fields in added.items() if source in given for field in fields])
+    )
     return _one_schema(str(path), lambda: pa.unify_schemas(schemas, promote_options="permissive"))
 
 
