@@ -178,13 +178,20 @@ def adjusted(rewards: list[float], tokens: list[int], length_penalty: float) -> 
     return [r - length_penalty * t for r, t in zip(rewards, tokens, strict=True)]
 
 
+def soft_probabilities(rewards: list[float], temperature: float) -> list[float]:
+    """P(each) proportional to exp(reward / temperature): soft best-of-N's draw."""
+    top = max(rewards)  # subtracted: exp never overflows
+    weights = [math.exp((r - top) / temperature) for r in rewards]
+    total = sum(weights)
+    return [w / total for w in weights]
+
+
 def soft_pick(rewards: list[float], among: list[int], n: int, temperature: float, rng) -> list[int]:
     """`n` of the candidates `among`, drawn one after another without replacement with probability
     proportional to exp(reward / temperature) (soft best-of-N)."""
     left, chosen = list(among), list[int]()
     while left and len(chosen) < n:
-        top = max(rewards[i] for i in left)  # subtracted: exp never overflows
-        weights = [math.exp((rewards[i] - top) / temperature) for i in left]
+        weights = soft_probabilities([rewards[i] for i in left], temperature)
         pick = rng.choices(range(len(left)), weights=weights)[0]
         chosen.append(left.pop(pick))
     return chosen

@@ -160,6 +160,16 @@ class Settings(BaseSettings):
             raise ValueError(f"reward member names must be unique; {', '.join(duplicated)} given twice")
         if unknown := sorted(set(self.weights()) - set(names)):
             raise ValueError(f"--reward-weights names {', '.join(unknown)}, not a reward member")
+        if self.reward_engine == "vllm" and self.vllm_kv_cache_gib is None:
+            # Each reward model is its own engine; memory is given out as explicit GPU shares.
+            policy = self.vllm_gpu_memory_utilization if self.engine == "vllm" else 0.0
+            total = policy + len(self.reward_model) * self.vllm_reward_gpu_memory_utilization
+            if total > 1:
+                raise ValueError(
+                    f"the vLLM engines would take {total:.2f} of the GPU: the policy's "
+                    f"--vllm-gpu-memory-utilization plus {len(self.reward_model)} reward models x "
+                    "--vllm-reward-gpu-memory-utilization must stay at most 1"
+                )
         return self
 
     def reward_models(self) -> list[tuple[str, Path]]:

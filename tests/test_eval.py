@@ -204,3 +204,57 @@ def test_eval_keeps_versions_whole_leaves_pruned_out_and_names_short_prompts(tmp
         assert policy["reward_at_n"]["8"]["mean"] < 1.0  # the pruned 9.0s are not samples
     assert "1 prompt(s) left out with fewer than 8 samples" in result.stderr
     assert "left out 16 candidates that early rejection pruned" in result.stderr
+
+
+def test_selection_rules_compared_offline_match_their_formulas_on_the_whole_pool(tmp_path):
+    """At N = K each rule's choice is one computation: max by reward, each member by its own, soft
+    as the softmax-weighted gold, vote as the best of the heaviest answer group."""
+    rng = random.Random(3)
+    rows, expected = [], {"max": [], "a alone": [], "soft (temperature 0.5)": [], "vote (count)": []}
+    for p in range(12):
+        answers = [rng.choice("1234") for _ in range(8)]
+        rewards = [rng.gauss(0, 1) for _ in range(8)]
+        a = [rng.gauss(0, 1) for _ in range(8)]
+        gold = [float(x == "2") for x in answers]
+        rows += [
+            {
+                "prompt": f"p{p}",
+                "completion": f"so it is {x}",
+                "reward": r,
+                "gold": g,
+                "rewards": {"a": m, "b": r},
+            }
+            for x, r, m, g in zip(answers, rewards, a, gold, strict=True)
+        ]
+        expected["max"].append(gold[max(range(8), key=lambda i: rewards[i])])
+        expected["a alone"].append(gold[max(range(8), key=lambda i: a[i])])
+        weights = [math.exp((r - max(rewards)) / 0.5) for r in rewards]
+        expected["soft (temperature 0.5)"].append(
+            sum(w * g for w, g in zip(weights, gold, strict=True)) / sum(weights)
+        )
+        counts = {x: answers.count(x) for x in answers}
+        top = max(counts.values())
+        # Ties between groups go to the one holding the better candidate; within it, the best.
+        best = max((i for i in range(8) if counts[answers[i]] == top), key=lambda i: rewards[i])
+        expected["vote (count)"].append(gold[best])
+    source = tmp_path / "pool.jsonl"
+    source.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    result = bon_eval("--samples", source, "--output", tmp_path / "report", "--soft-temperatures", "0.5")
+    assert result.returncode == 0, result.stderr[-3000:]
+    [policy] = json.loads((tmp_path / "report" / "eval.json").read_text())["policies"].values()
+    assert policy["rules_measured_by"] == "gold"
+    rules = policy["rules_at_n"]
+    assert set(rules) == {
+        "max",
+        "a alone",
+        "b alone",
+        "soft (temperature 0.5)",
+        "vote (summed reward)",
+        "vote (count)",
+    }
+    for rule, per_prompt in expected.items():
+        assert rules[rule]["8"]["mean"] == pytest.approx(sum(per_prompt) / len(per_prompt), abs=1e-9), rule
+    assert rules["b alone"] == rules["max"]  # b is the combined reward here
+    assert (tmp_path / "report" / "rules_vs_n.png").stat().st_size > 0
+    bad = bon_eval("--samples", source, "--output", tmp_path / "r2", "--answer-pattern", "(a)(b)")
+    assert bad.returncode == 2 and "exactly one group" in bad.stderr

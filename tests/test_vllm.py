@@ -190,8 +190,9 @@ def test_engines_do_not_outlive_a_killed_server(models, tmp_path):
 
 
 def test_bon_score_and_bon_generate_run_on_vllm(models, tmp_path):
-    """The batch jobs on the vLLM engines: `bon score` rewards equal the transformers engine's, and
-    `bon generate` logs rewards equal to an independent forward."""
+    """The batch jobs on the vLLM engines: `bon score` with two reward models (each its own pooling
+    engine) gives each the transformers engine's rewards, and `bon generate` logs rewards equal to
+    an independent forward."""
     import json
     import subprocess
     import sys
@@ -205,14 +206,19 @@ def test_bon_score_and_bon_generate_run_on_vllm(models, tmp_path):
     scored = {}
     for engine in ("transformers", "vllm"):
         out = tmp_path / f"{engine}.jsonl"
-        command = [sys.executable, "-m", "bon", "score", str(source), "-o", str(out),
-                   "--reward-model", str(rm), "--engine", engine]  # fmt: skip
+        command = [sys.executable, "-m", "bon", "score", str(source), "-o", str(out), "--engine", engine,
+                   "--reward-model", f"a={rm}", "--reward-model", f"b={models['gpt2_rm_plain']}"]  # fmt: skip
         result = subprocess.run(command, capture_output=True, text=True, timeout=600)
         assert result.returncode == 0, result.stderr[-3000:]
         assert json.loads(result.stdout)["engine"] == engine
-        scored[engine] = [json.loads(line)["rewards"] for line in out.read_text().splitlines()]
-    for a, b in zip(scored["transformers"], scored["vllm"], strict=True):
-        assert a == pytest.approx(b, rel=1e-4, abs=1e-5)
+        lines = [json.loads(line) for line in out.read_text().splitlines()]
+        scored[engine] = [(row["rewards"], row["rewards_members"]) for row in lines]
+    for (combined, members), (combined_v, members_v) in zip(
+        scored["transformers"], scored["vllm"], strict=True
+    ):
+        assert combined == pytest.approx(combined_v, rel=1e-4, abs=1e-5)
+        for one, other in zip(members, members_v, strict=True):
+            assert one == pytest.approx(other, rel=1e-4, abs=1e-5)
 
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": f"count {i}:"}) + "\n" for i in range(6)))

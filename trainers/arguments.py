@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from server.arguments import THREADS_HELP, HelpFormatter, job_parser, module_doc
+from server.rules import LAST_NUMBER
 
 
 @dataclass
@@ -138,6 +139,14 @@ def eval_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-tokens", type=int, default=16, help="tokens per sample")
     parser.add_argument("--seed", type=int, default=0, help="seeds the sampling")
     parser.add_argument("--gold", choices=GOLD_SCORERS, help="a gold scorer: demo = bon demo's suite")
+    parser.add_argument(
+        "--soft-temperatures", default="0.5,1,2", help="soft selection's temperatures compared (rules_at_n)"
+    )
+    parser.add_argument(
+        "--answer-pattern",
+        default=LAST_NUMBER,
+        help="vote's answer: a regex with one group (default: the last number)",
+    )
     parser.add_argument("--torch-threads", type=int, default=0, help=THREADS_HELP)
     return parser
 

@@ -6,6 +6,7 @@ import statistics
 from collections import Counter
 from dataclasses import dataclass
 
+from server.rules import LAST_NUMBER
 from trainers.data import Prompt
 from trainers.evaluation.estimators import (
     distinct_n,
@@ -19,6 +20,7 @@ from trainers.evaluation.estimators import (
     win_rate_at_n,
     win_rate_ceiling_at_n,
 )
+from trainers.evaluation.rules import rules_at_n
 
 
 @dataclass
@@ -30,6 +32,7 @@ class Pool:
     rewards: list[float]  # the reward model's (proxy)
     gold: list[float] | None = None  # a gold scorer's, where one exists
     log_ratios: list[float] | None = None  # log p_policy - log p_reference of each completion
+    members: dict[str, list[float]] | None = None  # each reward member's raw reward, by name
 
 
 def _at_n(pools: list[Pool], ns: list[int], value) -> dict[str, dict[str, float]]:
@@ -43,7 +46,17 @@ def common_k(pools: list[Pool]) -> int:
     return max(counts, key=lambda count: (counts[count], count))
 
 
-def measure(pools: list[Pool], reference: list[Pool] | None = None) -> dict:
+@dataclass(frozen=True)
+class RuleSettings:
+    """What the offline comparison of selection rules uses (trainers/evaluation/rules.py)."""
+
+    temperatures: tuple[float, ...] = (0.5, 1.0, 2.0)  # soft's
+    answer_pattern: str = LAST_NUMBER  # vote's
+
+
+def measure(
+    pools: list[Pool], reference: list[Pool] | None = None, rules: RuleSettings | None = None
+) -> dict:
     """Every measure of one policy. `reference`, aligned with `pools` by prompt, adds win rates.
     Prompts with fewer samples than most have are left out, and named in `left_out`."""
     k = common_k(pools)
@@ -66,6 +79,9 @@ def measure(pools: list[Pool], reference: list[Pool] | None = None) -> dict:
     }
     if all(p.gold is not None for p in pools):
         result["gold_at_n"] = _at_n(pools, ns, lambda p, n: expected_best_of_n(p.rewards, n, p.gold))
+    if rules is not None:
+        result["rules_at_n"] = rules_at_n(pools, ns, list(rules.temperatures), rules.answer_pattern)
+        result["rules_measured_by"] = "gold" if all(p.gold is not None for p in pools) else "proxy reward"
     if all(p.log_ratios is not None for p in pools):
         result["kl_to_reference"] = mean_with_stderr([r for p in pools for r in p.log_ratios])
     if reference is not None:

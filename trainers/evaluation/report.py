@@ -21,6 +21,9 @@ EXPLAINED = """\
   samples (mean of log p - log p_ref), with its standard error; 0 for the reference itself.
 - **win@N vs reference**: the chance that the best of N beats one reference sample, judged by the
   reward model (ties half). Against the policy itself the ceiling is N/(N+1).
+- **selection rules**: what each rule (server/selection.py) would have returned at N from the same
+  pool, by gold (or the proxy without one): max, each reward member alone, soft at each
+  temperature and vote (trainers/evaluation/rules.py).
 - **distinct-n**: distinct word n-grams over all of them, across all completions (does the policy
   say different things to different inputs?) and per input (does it say different things to the
   same input? what best-of-N needs to have a choice).
@@ -68,6 +71,18 @@ def markdown(report: dict) -> str:
             lines.append(
                 f"| {key[-1]} | {cell['across_inputs']:.3f} | {cell['per_input']:.3f} | {cell['ngrams']} |"
             )
+        if "rules_at_n" in result:
+            rules = result["rules_at_n"]
+            ns = list(next(iter(rules.values())))
+            lines += [
+                "",
+                f"Selection rules on this pool, by {result['rules_measured_by']} of the chosen sample:",
+                "",
+                "| rule | " + " | ".join(f"N = {n}" for n in ns) + " |",
+                "|---|" + "---|" * len(ns),
+            ]
+            for rule, cells in rules.items():
+                lines.append(f"| {rule} | " + " | ".join(f"{cells[n]['mean']:.4f}" for n in ns) + " |")
         chars = result["completion_chars"]
         lines += [
             "",
@@ -200,9 +215,33 @@ def plot_diversity(report: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def plot_rules_vs_n(report: dict, path: Path) -> None:
+    """One panel per policy: each selection rule's value of the chosen sample against N."""
+    policies = {name: r for name, r in report["policies"].items() if "rules_at_n" in r}
+    fig, axes = plt.subplots(1, len(policies), figsize=(6 * len(policies), 4.6), squeeze=False)
+    for ax, (name, result) in zip(axes[0], policies.items(), strict=True):
+        for rule, cells in result["rules_at_n"].items():
+            ns = [int(n) for n in cells]
+            ax.plot(ns, [cells[str(n)]["mean"] for n in ns], marker="o", label=rule)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(ns, [str(n) for n in ns])
+        ax.minorticks_off()
+        ax.set_xlabel("N (candidates chosen from)")
+        ax.set_ylabel(f"{result['rules_measured_by']} of the chosen sample")
+        ax.set_title(name[:60])
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def write_report(report: dict, output: Path) -> dict:
     output.mkdir(parents=True, exist_ok=True)
     report["plots"] = ["reward_vs_n.png", "reward_vs_kl.png", "diversity.png"]
+    if any("rules_at_n" in r for r in report["policies"].values()):
+        report["plots"].append("rules_vs_n.png")
+        plot_rules_vs_n(report, output / "rules_vs_n.png")
     plot_reward_vs_n(report, output / "reward_vs_n.png")
     plot_reward_vs_kl(report, output / "reward_vs_kl.png")
     plot_diversity(report, output / "diversity.png")

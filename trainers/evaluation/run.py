@@ -22,6 +22,7 @@ suite with its programmatic gold scorer, next to the reward model.
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +37,7 @@ from server.threads import apply_torch_threads
 from trainers.arguments import eval_parser
 from trainers.data import Prompt, RecipeError, load_prompts
 from trainers.demo.tasks import gold_score, item_of
-from trainers.evaluation.measures import Pool, measure
+from trainers.evaluation.measures import Pool, RuleSettings, measure
 from trainers.evaluation.report import write_report
 from trainers.raft import prompt_key, sample_candidates
 
@@ -88,6 +89,13 @@ def pools_from_samples(path: Path, gold) -> dict[str, list[Pool]]:
         pool = pools.setdefault(
             prompt_key(prompt), Pool(prompt, [], [], [] if gold or "gold" in record else None)
         )
+        if not pool.completions:  # the log's per-member rewards, when every row of the prompt has them
+            pool.members = {name: [] for name in record.get("rewards") or {}} or None
+        members = record.get("rewards") or {}
+        if pool.members is not None and set(members) != set(pool.members):
+            pool.members = None
+        for name, values in (pool.members or {}).items():
+            values.append(float(members[name]))
         pool.completions.append(record["completion"])
         pool.rewards.append(float(record["reward"]))
         if pool.gold is not None:
@@ -171,6 +179,25 @@ def pools_from_models(args, prompts: list[Prompt], gold) -> dict[str, list[Pool]
 # --- the job ------------------------------------------------------------------------------------------
 
 
+def rule_settings(args) -> RuleSettings:
+    """--soft-temperatures and --answer-pattern, checked."""
+    try:
+        temperatures = tuple(float(t) for t in args.soft_temperatures.split(",") if t.strip())
+    except ValueError:
+        raise BadInput(
+            f"--soft-temperatures {args.soft_temperatures!r}: expected numbers, comma-separated"
+        ) from None
+    if not temperatures or any(t <= 0 for t in temperatures):
+        raise BadInput("--soft-temperatures must be numbers above 0")
+    try:
+        groups = re.compile(args.answer_pattern).groups
+    except re.error as error:
+        raise BadInput(f"--answer-pattern is not a regular expression: {error}") from None
+    if groups != 1:
+        raise BadInput("--answer-pattern must have exactly one group (the answer)")
+    return RuleSettings(temperatures, args.answer_pattern)
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = eval_parser().parse_args(argv)
     apply_torch_threads(args.torch_threads)
@@ -194,7 +221,7 @@ def main(argv: list[str] | None = None) -> dict:
         references = next(iter(pools.values()))
     report = {
         "source": str(args.samples) if args.samples else {"reference": str(args.reference), "k": args.k},
-        "policies": {name: measure(p, references) for name, p in pools.items()},
+        "policies": {name: measure(p, references, rule_settings(args)) for name, p in pools.items()},
     }
     for name, result in report["policies"].items():
         if result["left_out"]["prompts"]:
