@@ -1,11 +1,13 @@
-"""`bon score`: reward every row of a file with a Bradley-Terry reward model, as `/v1/score` would.
+"""`bon score`: reward every row of a file with Bradley-Terry reward models, as `/v1/score` would.
 
-    bon score INPUT -o OUTPUT --reward-model DIR [--resume] [--skip-bad-rows]
+    bon score INPUT -o OUTPUT --reward-model [NAME=]DIR [--reward-model ...] [--resume] [--skip-bad-rows]
 
 INPUT and OUTPUT are .jsonl or .parquet. Each row is {"prompt": str | messages, "response": str}
 or {"prompt": ..., "responses": [str, ...]}; OUTPUT has every row, in input order, with all its
 fields and "reward" (or "rewards", one per response) added: the raw logit, from the same
-reward-model input rule as the server. A row the reward model cannot take whole (longer than its
+reward-model input rule as the server. With several reward models, "reward" is their combination
+(bon serve's rule: --reward-combine, --reward-weights) and "reward_members" (or "rewards_members")
+holds each one's raw reward by name. A row a reward model cannot take whole (longer than its
 context) is a bad row: it is never truncated.
 
 The input is read in windows; each window is sorted by length and scored in batches of at most

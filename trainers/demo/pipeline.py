@@ -199,19 +199,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run(cfg: DemoConfig) -> dict:
-    start = time.time()
-    out = cfg.output
-    if out.exists() and any(out.iterdir()):
-        raise SystemExit(f"--output {out} is not empty")
-    out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(cfg.seed)
-    rng = random.Random(cfg.seed)
+def sft_policy(cfg: DemoConfig, out: Path, rng: random.Random, say) -> tuple[list[Item], list[Item]]:
+    """The suite's splits, and the SFT policy trained on the training split at out/sft (from a
+    tokenizer and a random model trained and built here). held_out.jsonl lists the held-out prompts."""
     train, held_out = suite(cfg.seed, cfg.prompts_per_task)
     # The held-out prompts as a file `bon eval --prompts` reads (README, Batch jobs and evaluation).
     (out / "held_out.jsonl").write_text("".join(json.dumps({"prompt": i.prompt}) + "\n" for i in held_out))
-    say = lambda message: print(f"[{time.time() - start:6.0f}s] {message}", flush=True)  # noqa: E731
-
     say(f"tokenizer and a random {cfg.arch} ({len(train)} training prompts, {len(held_out)} held out)")
     corpus = [f"{i.prompt} {i.answer}" for i in train]
     tokenizer = train_tokenizer(
@@ -223,7 +216,6 @@ def run(cfg: DemoConfig) -> dict:
     base = build_model(
         out / "base", cfg.arch, tokenizer, hidden=cfg.hidden, layers=cfg.layers, ctx=64, seed=cfg.seed
     )
-
     say("SFT")
     sft_args = TrainArgs(
         epochs=cfg.sft_epochs,
@@ -235,6 +227,19 @@ def run(cfg: DemoConfig) -> dict:
     )
     demonstrations = [SFTExample(i.prompt, " " + demonstration(i, cfg.mistake_rate, rng)) for i in train]
     finetune(base, demonstrations, sft_args, out / "sft", "sft")
+    return train, held_out
+
+
+def run(cfg: DemoConfig) -> dict:
+    start = time.time()
+    out = cfg.output
+    if out.exists() and any(out.iterdir()):
+        raise SystemExit(f"--output {out} is not empty")
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    rng = random.Random(cfg.seed)
+    say = lambda message: print(f"[{time.time() - start:6.0f}s] {message}", flush=True)  # noqa: E731
+    train, held_out = sft_policy(cfg, out, rng, say)
 
     say(f"sampling {cfg.rm_samples} per prompt, ranking by the gold scorer")
     rm_items = rng.sample(train, cfg.rm_prompts)
