@@ -99,9 +99,7 @@ def main() -> None:
     members = {}
     for m in range(args.members):
         shrink = shrinks[m % len(shrinks)]
-        say(
-            f"member {m}: {args.rm_prompts} prompts, {args.flip:.0%} flipped, shrink {shrink}, seed {args.seed + m}"
-        )
+        say(f"member {m}: {args.rm_prompts} prompts, {args.flip:.0%} flipped, shrink {shrink}")
         member_rng = random.Random(args.seed * 1000 + m)
         items = member_rng.sample(train, args.rm_prompts)
         groups = ranked_groups(items, sample(out / "sft", items, cfg.rm_samples, cfg, seed=100 + m))
