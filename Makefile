@@ -36,7 +36,7 @@ TINY ?= models/tiny
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: install install-vllm serve test test-vllm bench bench-cli bench-vllm bench-vllm-reload bench-score bench-prefix bench-late bench-early-rejection bench-health demo default-models lint typecheck lint-docker clean
+.PHONY: install install-vllm serve test test-vllm bench bench-cli bench-vllm bench-vllm-reload bench-score bench-ensemble bench-prefix bench-late bench-early-rejection bench-health demo default-models lint typecheck lint-docker clean
 
 install: $(INSTALLED)
 
@@ -102,6 +102,11 @@ bench-score: $(INSTALLED)
 	$(PY) benchmarks/score_bench.py --rows 1000 --output bench-results/score_bench_long.json
 
 # Shared-prefix scoring against a plain batched forward (512-token prompt, 16 x 64-token completions).
+# Several reward models on noisy preferences, alone and combined: gold at N up to 256 (README).
+bench-ensemble: $(INSTALLED)
+	$(PY) benchmarks/reward_ensemble.py --output build/ensemble --shrinks 0.2,0.4,0.6,0.8 \
+		--plot docs/reward-ensemble.png
+
 bench-prefix: $(INSTALLED)
 	$(PY) benchmarks/prefix_bench.py
 

@@ -102,16 +102,6 @@ def encode_candidate(
     return [stand_in]
 
 
-def member_name(value: str) -> tuple[str, Path]:
-    """A --reward-model value as (name, directory): NAME=DIR, or DIR named after its last part.
-    A directory whose own name holds "=" is given as NAME=DIR."""
-    name, equals, directory = value.partition("=")
-    if equals and name and "/" not in name:
-        return name.strip(), Path(directory.strip())
-    path = Path(value)
-    return path.resolve().name, path
-
-
 @dataclass(frozen=True)
 class RewardStats:
     """A reward model's reward distribution on its training data (`reward_stats.json`): what

@@ -90,23 +90,6 @@ class Combination:
         return mean - self.penalty * variance
 
 
-def parse_weights(text: str | None) -> dict[str, float]:
-    """--reward-weights "NAME=W,..." as {name: weight}; ValueError naming a malformed entry."""
-    weights: dict[str, float] = {}
-    for part in (text or "").split(","):
-        if not part.strip():
-            continue
-        name, equals, value = part.partition("=")
-        try:
-            weight = float(value)
-        except ValueError:
-            weight = math.nan
-        if not equals or not name.strip() or not (math.isfinite(weight) and weight >= 0):
-            raise ValueError(f"--reward-weights {part!r}: expected NAME=W with W a number >= 0")
-        weights[name.strip()] = weight
-    return weights
-
-
 def combine(
     raw: dict[str, list[float]], stats: dict[str, RewardStats | None], combination: Combination
 ) -> list[Reward]:

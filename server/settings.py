@@ -11,8 +11,7 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from server.reward import member_name
-from server.selection import parse_weights
+from server.members import member_name, parse_weights
 
 
 class Settings(BaseSettings):

@@ -46,10 +46,11 @@ from server.batch.tables import (
 )
 from server.engines.hf.scorer import padded_tokens, token_budget_chunks
 from server.failures import ContextTooLong
+from server.members import member_name, parse_weights
 from server.policy import read_policy
 from server.prompts import unicode_text
-from server.reward import RewardModelInfo, check_finite, member_name, read_reward_model
-from server.selection import Combination, combine, parse_weights
+from server.reward import RewardModelInfo, check_finite, read_reward_model
+from server.selection import Combination, combine
 from server.threads import apply_torch_threads
 
 log = logging.getLogger(__name__)
