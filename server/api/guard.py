@@ -52,7 +52,7 @@ class Guard:
         admin_keys: list[str],
         max_body_bytes: int,
         public_metrics: bool,
-        open_reward_routes: bool,
+        open_reward_routes: bool = False,
         body_seconds: float = 30.0,
     ):
         self.app = app

@@ -114,7 +114,7 @@ class ClassifyRequest(BaseModel):
 
     model: str | None = None
     input: Text | list[Text] | list[int] | list[list[int]] | None = None
-    messages: list[ChatMessage] | None = None
+    messages: list[ChatMessage] | None = Field(None, min_length=1)
     use_activation: bool | None = None
     activation: bool | None = Field(None, description="Deprecated name of use_activation.")
     add_special_tokens: bool = True
