@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Literal
 
 from server.reward import Reward, RewardStats
@@ -127,13 +127,7 @@ class Selection:
     length_penalty: float = 0.0  # subtracted x completion tokens from every reward, before any rule
 
     def logged(self) -> dict:
-        return {
-            "rule": self.rule,
-            "temperature": self.temperature,
-            "answer_pattern": self.answer_pattern,
-            "weighting": self.weighting,
-            "length_penalty": self.length_penalty,
-        }
+        return asdict(self)
 
 
 MAX = Selection()  # the default: the top n by reward

@@ -233,8 +233,11 @@ def _token_ids(rm: RewardModelInfo, body: ClassifyRequest, several: bool) -> lis
     return rows
 
 
-async def _classify(body: ClassifyRequest, request: Request, service: Service):
-    """(model name, rewards, prompt tokens) of a `/classify` or `/pooling` body."""
+async def _classify(
+    body: ClassifyRequest, request: Request, service: Service
+) -> tuple[str, list[tuple[float, dict[str, float]]], PoolingUsage]:
+    """A `/classify` or `/pooling` body's model name, each input's (value as asked, with or without
+    the activation; every reward model's raw reward), and the tokens read."""
     served = request.app.state.model_name
     async with service.checkpoints.pinned() as pinned:
         members = _members(pinned, body.model, served)
@@ -250,7 +253,8 @@ async def _classify(body: ClassifyRequest, request: Request, service: Service):
         view = Pinned(pinned.policy, members)
         rewards = await service.best_of_n.combined(view, inputs, texts=None)
     tokens = sum(len(ids) for rows in inputs.values() for ids in rows)
-    return body.model or served, rewards, tokens
+    values = [(_activation(r.value, body.activated()), r.members) for r in rewards]
+    return body.model or served, values, PoolingUsage(prompt_tokens=tokens, total_tokens=tokens)
 
 
 def _activation(value: float, on: bool) -> float:
@@ -265,36 +269,34 @@ def _activation(value: float, on: bool) -> float:
 @router.post("/classify")
 async def classify(body: ClassifyRequest, request: Request, service: Parts) -> ClassifyResponse:
     """vLLM's classification endpoint: each input's reward as probs[0] (raw: use_activation false)."""
-    model, rewards, tokens = await _classify(body, request, service)
+    model, values, usage = await _classify(body, request, service)
+    data = [
+        ClassificationData(index=i, probs=[value], num_classes=1, rewards=members)
+        for i, (value, members) in enumerate(values)
+    ]
     return ClassifyResponse(
         id=f"classify-{uuid.uuid4().hex}",
         object="list",
         created=int(time.time()),
         model=model,
-        data=[
-            ClassificationData(
-                index=i, probs=[_activation(r.value, body.activated())], num_classes=1, rewards=r.members
-            )
-            for i, r in enumerate(rewards)
-        ],
-        usage=PoolingUsage(prompt_tokens=tokens, total_tokens=tokens),
+        data=data,
+        usage=usage,
     )
 
 
 @router.post("/pooling")
 async def pooling(body: ClassifyRequest, request: Request, service: Parts) -> PoolingResponse:
     """vLLM's pooling endpoint on a reward model: the reward of each input as data[0]."""
-    model, rewards, tokens = await _classify(body, request, service)
+    model, values, usage = await _classify(body, request, service)
+    data = [
+        PoolingData(index=i, object="pooling", data=[value], rewards=members)
+        for i, (value, members) in enumerate(values)
+    ]
     return PoolingResponse(
         id=f"pool-{uuid.uuid4().hex}",
         object="list",
         created=int(time.time()),
         model=model,
-        data=[
-            PoolingData(
-                index=i, object="pooling", data=[_activation(r.value, body.activated())], rewards=r.members
-            )
-            for i, r in enumerate(rewards)
-        ],
-        usage=PoolingUsage(prompt_tokens=tokens, total_tokens=tokens),
+        data=data,
+        usage=usage,
     )

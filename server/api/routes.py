@@ -136,19 +136,10 @@ def _params(request: Request, admission: Admission, pinned: Pinned, body, prompt
     return params
 
 
-def _maybe_stream(body: CompletionResponse | ChatCompletionResponse, stream: bool):
-    return StreamingResponse(as_stream(body), media_type="text/event-stream") if stream else body
-
-
-@router.post("/completions", response_model=CompletionResponse, response_model_exclude_unset=True)
-async def completions(body: CompletionRequest, request: Request, pinned: Checkpoints, service: Parts):
-    """Best-of-N text completion for one prompt or a list of prompts."""
-    body.refuse_unsupported()
-    _check_model(request, pinned, body.model)
-    prompts = await service.admission.text_prompts(pinned.policy.info, body.prompts())
-    prompts = [replace(p, reference=r) for p, r in zip(prompts, body.references(len(prompts)), strict=True)]
+async def _best_of_n(request: Request, service: Service, pinned: Pinned, body, request_id: str, prompts):
+    """A completions or chat request's prompts through admission's checks and the pipeline,
+    cancelled if the client goes away."""
     params = _params(request, service.admission, pinned, body, prompts)
-    request_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     run = service.best_of_n.run(
         pinned,
         request_id,
@@ -160,7 +151,22 @@ async def completions(body: CompletionRequest, request: Request, pinned: Checkpo
         body.rejection(),
         body.selection_rule(),
     )
-    results = await _until_disconnect(request, run)
+    return await _until_disconnect(request, run)
+
+
+def _maybe_stream(body: CompletionResponse | ChatCompletionResponse, stream: bool):
+    return StreamingResponse(as_stream(body), media_type="text/event-stream") if stream else body
+
+
+@router.post("/completions", response_model=CompletionResponse, response_model_exclude_unset=True)
+async def completions(body: CompletionRequest, request: Request, pinned: Checkpoints, service: Parts):
+    """Best-of-N text completion for one prompt or a list of prompts."""
+    body.refuse_unsupported()
+    _check_model(request, pinned, body.model)
+    prompts = await service.admission.text_prompts(pinned.policy.info, body.prompts())
+    prompts = [replace(p, reference=r) for p, r in zip(prompts, body.references(len(prompts)), strict=True)]
+    request_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+    results = await _best_of_n(request, service, pinned, body, request_id, prompts)
     response = completion_body(
         request_id, created, body.model, pinned.fingerprint, results, body.n, body.return_candidates
     )
@@ -178,20 +184,8 @@ async def chat_completions(
     _check_model(request, pinned, body.model)
     prompt = await service.admission.chat_prompt(pinned.policy.info, [m.plain() for m in body.messages])
     prompt = replace(prompt, reference=body.references(1)[0])
-    params = _params(request, service.admission, pinned, body, [prompt])
     request_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-    run = service.best_of_n.run(
-        pinned,
-        request_id,
-        [prompt],
-        params,
-        body.n,
-        body.sampled,
-        body.log,
-        body.rejection(),
-        body.selection_rule(),
-    )
-    [result] = await _until_disconnect(request, run)
+    [result] = await _best_of_n(request, service, pinned, body, request_id, [prompt])
     response = chat_body(request_id, created, body.model, pinned.fingerprint, result, body.return_candidates)
     if body.selection is not None:
         response.selection = [selection_out(result)]
