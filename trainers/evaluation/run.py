@@ -89,9 +89,9 @@ def pools_from_samples(path: Path, gold) -> dict[str, list[Pool]]:
         pool = pools.setdefault(
             prompt_key(prompt), Pool(prompt, [], [], [] if gold or "gold" in record else None)
         )
-        if not pool.completions:  # the log's per-member rewards, when every row of the prompt has them
-            pool.members = {name: [] for name in record.get("rewards") or {}} or None
         members = record.get("rewards") or {}
+        if not pool.completions:  # the log's per-member rewards, when every row of the prompt has them
+            pool.members = {name: [] for name in members} or None
         if pool.members is not None and set(members) != set(pool.members):
             pool.members = None
         for name, values in (pool.members or {}).items():
