@@ -112,7 +112,11 @@ def _serve(args: argparse.Namespace) -> int:
     apply_torch_threads(settings.torch_threads)
     try:
         policy = read_policy(settings.policy)
-        reward_models = {name: read_reward_model(path) for name, path in settings.reward_models()}
+        reward_models = {
+            name: read_reward_model(path, settings.step_delimiter) for name, path in settings.reward_models()
+        }
+        for name, rm in reward_models.items():
+            logging.getLogger(__name__).info("reward model %s (%s): %s", name, rm.path, rm.described())
         rules = [load_rule(name, spec) for name, spec in settings.reward_functions()]
         sampler, scorer = build_sampler(settings), build_scorer(settings)
         if not settings.no_sample_log:

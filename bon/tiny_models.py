@@ -11,6 +11,7 @@ Usage: python -m bon.tiny_models OUTPUT_DIR   (writes OUTPUT_DIR/policy and OUTP
 
 from __future__ import annotations
 
+import json
 import random
 import sys
 from pathlib import Path
@@ -20,6 +21,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
     GPT2Config,
     LlamaConfig,
     PreTrainedTokenizerFast,
@@ -149,6 +151,46 @@ def build_model(
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     tok.save_pretrained(out)
+    return out
+
+
+# Each process reward model layout: its step token, and what `bon_reward.json` says beside it
+# (Qwen2.5-Math-PRM's layout needs none: its architecture names the step token).
+PRM_LAYOUTS = {
+    "qwen": ("<extra_0>", None),
+    "shepherd": ("ки", {"kind": "process", "step_token": "ки", "good_token": "+", "bad_token": "-"}),
+    "token": ("<step>", {"kind": "process", "step_token": "<step>"}),
+}
+
+
+def build_prm(
+    out: Path, layout: str, tok: PreTrainedTokenizerFast, labels: int = 2, hidden: int = 64, seed: int = 0
+) -> Path:
+    """Save a randomly initialised process reward model in one of the layouts bon reads: `qwen`
+    (Qwen2.5-Math-PRM's architecture), `shepherd` (a Llama causal LM read at + and -) or `token`
+    (a Llama token classifier with `labels` labels)."""
+    from server.engines.hf.process import Qwen2ForProcessRewardModel
+
+    torch.manual_seed(seed)
+    step_token, reward_file = PRM_LAYOUTS[layout]
+    if layout == "shepherd":
+        tok.add_tokens([step_token])  # an ordinary token, as in Math-Shepherd's vocabulary
+    else:
+        tok.add_special_tokens({"additional_special_tokens": [step_token]})
+    config = _causal_config("qwen2" if layout == "qwen" else "llama", tok, hidden, 2, 256)
+    if layout == "qwen":
+        config.num_labels = 2
+        model = Qwen2ForProcessRewardModel(config)
+    elif layout == "shepherd":
+        model = AutoModelForCausalLM.from_config(config)
+    else:
+        config.num_labels = labels
+        model = AutoModelForTokenClassification.from_config(config)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    if reward_file is not None:
+        (out / "bon_reward.json").write_text(json.dumps(reward_file, ensure_ascii=False) + "\n")
     return out
 
 

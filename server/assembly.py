@@ -92,5 +92,14 @@ async def start_service(
     return Service(
         checkpoints=Checkpoints(Loaded(policy, loads[0]), loaded, sampler, scorer),
         admission=admission,
-        best_of_n=BestOfN(sampler, scorer, sample_log, admission, combination, runner),
+        best_of_n=BestOfN(
+            sampler,
+            scorer,
+            sample_log,
+            admission,
+            combination,
+            runner,
+            settings.step_aggregate,
+            settings.step_delimiter,
+        ),
     )

@@ -23,8 +23,9 @@ log = logging.getLogger(__name__)
 
 
 class Reloader:
-    def __init__(self, checkpoints: Checkpoints, sampler: Sampler, scorer: RewardScorer):
+    def __init__(self, checkpoints: Checkpoints, sampler: Sampler, scorer: RewardScorer, step_delimiter: str):
         self.checkpoints = checkpoints
+        self.step_delimiter = step_delimiter  # what a process reward model loaded here splits steps at
         self.sampler, self.scorer = sampler, scorer
         self._lock = asyncio.Lock()  # one reload at a time
         self._refused: set[Path] = set()  # watched directories that failed, not retried
@@ -34,7 +35,7 @@ class Reloader:
         if role == "policy":
             policy = await asyncio.to_thread(read_policy, directory)
             return Loaded(policy, await self.sampler.load(policy))
-        reward_model = await asyncio.to_thread(read_reward_model, directory)
+        reward_model = await asyncio.to_thread(read_reward_model, directory, self.step_delimiter)
         return Loaded(reward_model, await self.scorer.load(reward_model))
 
     async def reload(

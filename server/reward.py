@@ -33,6 +33,7 @@ from server.checkpoints import (
     weight_names,
 )
 from server.failures import CheckpointError, InvalidInput, NonFiniteReward
+from server.process_reward import DEFAULT_DELIMITER, StepLayout, read_step_layout
 
 Messages = list[dict[str, str]]
 
@@ -151,9 +152,20 @@ class RewardModelInfo:
     dtype: str  # the checkpoint's own dtype: what --dtype auto keeps
     max_chars: int  # a longer text cannot fit the context: /v1/score refuses it before tokenizing
     stats: RewardStats | None = None  # from reward_stats.json: standardises it among several members
+    steps: StepLayout | None = None  # a process reward model's step layout; None: an outcome model
 
     def encode(self, prompt_text: str, messages: Messages | None, completion: str) -> list[int]:
-        return encode_candidate(self.tokenizer, prompt_text, messages, completion)
+        """The RM's input for one candidate; a PRM reads the completion with its steps marked, and
+        a step token written in the prompt is removed (it would read as a step)."""
+        if self.steps is None:
+            return encode_candidate(self.tokenizer, prompt_text, messages, completion)
+        clean = self.steps.clean
+        if messages is not None:
+            messages = [{**m, "content": clean(m["content"])} for m in messages]
+        return encode_candidate(self.tokenizer, clean(prompt_text), messages, self.steps.mark(completion))
+
+    def described(self) -> str:
+        return self.steps.described() if self.steps is not None else "outcome reward model (raw logit)"
 
     def fit(self, token_ids: list[int]) -> RewardInput:
         """Apply the length rule of this module's docstring."""
@@ -163,23 +175,21 @@ class RewardModelInfo:
 HEADS = ("score", "classifier")  # what transformers names a sequence-classification head
 
 
-def read_reward_model(path: str | Path) -> RewardModelInfo:
+def read_reward_model(path: str | Path, step_delimiter: str = DEFAULT_DELIMITER) -> RewardModelInfo:
     """Read and check a reward model's config, tokenizer and weight names; raises CheckpointError
-    naming what is wrong with it."""
+    naming what is wrong with it. A process reward model (server/process_reward.py) splits
+    completions into steps at `step_delimiter`."""
     directory = checkpoint_dir(path, "reward model", "--reward-model")
     with loading("reward model", directory):
         config = AutoConfig.from_pretrained(directory)
         tokenizer = AutoTokenizer.from_pretrained(directory)
         names = weight_names(directory)
-    if config.num_labels != 1:
+        steps = read_step_layout(directory, config, tokenizer, step_delimiter)
+    if steps is None:
+        _check_outcome_head(directory, config, names)
+    elif steps.layout != "shepherd" and not any(name.split(".")[0] in HEADS for name in names):
         raise CheckpointError(
-            f"reward model {directory} has num_labels={config.num_labels}; a Bradley-Terry reward model "
-            "has exactly one label (a causal LM directory reports 2: train a reward model first)"
-        )
-    if not any(name.split(".")[0] in HEADS for name in names):  # a causal LM given as --reward-model
-        raise CheckpointError(
-            f"reward model {directory} has no trained score head (no score.weight or classifier.weight "
-            "in its weights); it looks like a causal LM, not a sequence-classification checkpoint"
+            f"process reward model {directory} has no score or classifier head in its weights"
         )
     pad_with_eos(tokenizer, "reward model")
     context = context_length(config, tokenizer)
@@ -191,7 +201,22 @@ def read_reward_model(path: str | Path) -> RewardModelInfo:
         dtype=checkpoint_dtype(config),
         max_chars=max_text_chars(tokenizer, context),
         stats=read_stats(directory),
+        steps=steps,
     )
+
+
+def _check_outcome_head(directory: Path, config, names: set[str]) -> None:
+    """A Bradley-Terry reward model has one label and a trained head."""
+    if config.num_labels != 1:
+        raise CheckpointError(
+            f"reward model {directory} has num_labels={config.num_labels}; a Bradley-Terry reward model "
+            "has exactly one label (a causal LM directory reports 2: train a reward model first)"
+        )
+    if not any(name.split(".")[0] in HEADS for name in names):  # a causal LM given as --reward-model
+        raise CheckpointError(
+            f"reward model {directory} has no trained score head (no score.weight or classifier.weight "
+            "in its weights); it looks like a causal LM, not a sequence-classification checkpoint"
+        )
 
 
 def check_finite(rewards: list[Reward], reward_model: Path) -> list[Reward]:

@@ -21,3 +21,11 @@ def continuation_seed(seed: int | None, candidate: int) -> int | None:
     """The seed that decodes candidate `candidate` on from a partial answer (early rejection): a
     stream of its own, apart from the request's candidates and from every other continuation."""
     return None if seed is None else (seed * STRIDE + candidate + 1) % SEED_RANGE
+
+
+def expansion_seed(seed: int | None, round_index: int, beam: int) -> int | None:
+    """The seed of beam `beam`'s children in round `round_index` of a beam search: each expansion
+    its own stream (its children draw seed + i, and beams are spaced by STRIDE)."""
+    if seed is None:
+        return None
+    return (seed * STRIDE**3 + ((round_index + 1) * STRIDE + beam) * STRIDE) % SEED_RANGE

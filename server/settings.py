@@ -42,6 +42,15 @@ class Settings(BaseSettings):
     reward_function_timeout_seconds: float = Field(
         5.0, gt=0, description="Time a reward function has for one prompt's candidates."
     )
+    step_delimiter: str = Field(
+        "\n\n",
+        min_length=1,
+        description="What ends a step of a completion, for process reward models and beam search.",
+    )
+    step_aggregate: Literal["last", "min", "prod", "mean"] = Field(
+        "min",
+        description="How a process reward model's step scores make one reward (a request may name another).",
+    )
     served_model_name: str | None = Field(
         None, description="The `model` clients send; defaults to the policy directory's name."
     )

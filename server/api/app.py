@@ -109,7 +109,9 @@ def build_app(
         service = await start_service(settings, policy, reward_models, sampler, scorer, rules)
         sample_log = service.sample_log
         app.state.service = service
-        app.state.reloader = reloader = Reloader(service.checkpoints, sampler, scorer)
+        app.state.reloader = reloader = Reloader(
+            service.checkpoints, sampler, scorer, settings.step_delimiter
+        )
         watcher = (
             asyncio.create_task(reloader.watch(settings.watch, settings.watch_interval_seconds))
             if settings.watch

@@ -1,7 +1,8 @@
 """Wire schemas of the HTTP API (OpenAI's, plus bon's extensions), validated where they are defined.
 
 A schema violation becomes a 400 in the OpenAI error envelope naming the field (see `errors`).
-Extensions: `best_of` on chat, `top_k`, `return_candidates`, `log`, `early_rejection`.
+Extensions: `best_of` on chat, `top_k`, `return_candidates`, `log`, `early_rejection`, `selection`,
+`reference`, `step_aggregate`, `search`.
 """
 
 from __future__ import annotations
@@ -25,13 +26,17 @@ from server.engines.contract import SamplingParams
 from server.failures import InvalidInput
 from server.prompts import unicode_text
 from server.rejection import EarlyRejection
+from server.search import BeamSearch
 from server.selection import MAX, Selection
+from server.service import Options
 
 Text = Annotated[str, AfterValidator(unicode_text)]
 
 # Engines search for every stop string in the text of every row at every step (vLLM keeps a
 # buffer as long as the longest): 16 stops of 400,000 characters slowed vLLM to a crawl.
 MAX_STOP_CHARS = 1000
+# Each round of a beam search is a sampling and a scoring call: bounded like best_of is.
+MAX_SEARCH_STEPS = 64
 
 # OpenAI parameters bon does not implement, each with the values that ask for nothing (some
 # clients send those by default). Any other value is refused by name, never silently ignored.
@@ -118,6 +123,21 @@ class EarlyRejectionParams(BaseModel):
         return EarlyRejection(self.after_tokens, self.keep)
 
 
+class SearchParams(BaseModel):
+    """Step-level search instead of independent candidates (README, Step-level search)."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["beam"] = Field(description="beam: keep best_of partial answers, a step at a time.")
+    beam_width: int = Field(ge=1, description="Children of each surviving partial answer; divides best_of.")
+    max_steps: int = Field(ge=1, le=MAX_SEARCH_STEPS, description="Rounds; the last decodes to the end.")
+
+    def rule(self) -> BeamSearch:
+        return BeamSearch(self.beam_width, self.max_steps)
+
+
+StepAggregate = Literal["last", "min", "prod", "mean"]  # process_reward.AGGREGATES
+
+
 class SelectionParams(BaseModel):
     """How the returned candidates are chosen among the scored ones (README, Selection rules)."""
 
@@ -188,6 +208,13 @@ class _Sampling(_Request):
         description="Extension, off by default: stop decoding the candidates the reward model "
         "ranks lowest partway (speculative rejection).",
     )
+    step_aggregate: StepAggregate | None = Field(
+        None, description="How a process reward model's step scores make one reward (default: the server's)."
+    )
+    search: SearchParams | None = Field(
+        None,
+        description="Extension: step-level beam search with the reward members, instead of best_of draws.",
+    )
 
     @field_validator("stop")
     @classmethod
@@ -230,6 +257,18 @@ class _Sampling(_Request):
             )
         return rejection
 
+    @field_validator("search")
+    @classmethod
+    def _search_fits_best_of(cls, search, info: ValidationInfo):
+        if search is None:
+            return search
+        best_of = info.data.get("best_of") or 1
+        if best_of % search.beam_width:
+            raise ValueError(f"beam_width ({search.beam_width}) must divide best_of ({best_of})")
+        if info.data.get("early_rejection") is not None:
+            raise ValueError("search and early_rejection cannot be combined: give one")
+        return search
+
     @field_validator("stream")
     @classmethod
     def _no_stream_of_many(cls, stream, info: ValidationInfo):
@@ -251,8 +290,13 @@ class _Sampling(_Request):
             return [self.reference] * prompts
         return list(self.reference)
 
-    def rejection(self) -> EarlyRejection | None:
-        return self.early_rejection.rule() if self.early_rejection is not None else None
+    def options(self) -> Options:
+        return Options(
+            rejection=self.early_rejection.rule() if self.early_rejection is not None else None,
+            selection=self.selection_rule(),
+            step_aggregate=self.step_aggregate,
+            search=self.search.rule() if self.search is not None else None,
+        )
 
     def sampling_params(self, max_tokens: int) -> SamplingParams:
         return SamplingParams(
@@ -353,6 +397,9 @@ class ScoreRequest(_Request):
     responses: list[Text] | None = None
     reference: Text | None = Field(None, description="The known answer, with prompt and responses.")
     pairs: list[ScorePair] | None = None
+    step_aggregate: StepAggregate | None = Field(
+        None, description="How a process reward model's step scores make one reward (default: the server's)."
+    )
 
     @model_validator(mode="after")
     def _one_form(self):

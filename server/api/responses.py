@@ -7,10 +7,11 @@ Optional fields a request did not ask for (`candidates`) are left unset and so l
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Literal
+from typing import Literal, TypeVar
 
 from pydantic import BaseModel
 
+from server.reward import Reward
 from server.service import BestOfNResult, groups_out
 
 FinishReason = Literal["stop", "length"]
@@ -47,7 +48,9 @@ class CandidateOut(BaseModel):
     rewards: dict[str, float]  # each reward member's raw reward, by name
     completion_tokens: int  # generated tokens, eos included: what length_penalty counts
     finish_reason: FinishReason
-    pruned: bool  # stopped by early rejection: text and reward are partial
+    pruned: bool  # partial (early rejection, beam search): text and reward are partial
+    step_rewards: list[float] | None = None  # a process reward model's score of each step
+    generated_tokens: int | None = None  # beam search: tokens decoded for this expansion alone
 
 
 class VoteGroupOut(BaseModel):
@@ -71,6 +74,7 @@ class CompletionChoice(BaseModel):
     finish_reason: FinishReason
     reward: float  # the reward model's raw logit (several members: their combination)
     rewards: dict[str, float]  # each reward member's raw reward, by name
+    step_rewards: list[float] | None = None  # a process reward model's score of each step
 
 
 class CompletionResponse(BaseModel):
@@ -97,6 +101,7 @@ class ChatChoice(BaseModel):
     finish_reason: FinishReason
     reward: float
     rewards: dict[str, float]
+    step_rewards: list[float] | None = None
 
 
 class ChatCompletionResponse(BaseModel):
@@ -134,6 +139,7 @@ class ChatChunkChoice(BaseModel):
     finish_reason: FinishReason
     reward: float
     rewards: dict[str, float]
+    step_rewards: list[float] | None = None
 
 
 class ChatCompletionChunk(BaseModel):
@@ -152,6 +158,7 @@ class ScoreItem(BaseModel):
     index: int
     reward: float  # several reward members: their combination
     rewards: dict[str, float]  # each member's raw reward, by name
+    step_rewards: list[float] | None = None  # a process reward model's score of each step
 
 
 class ScoreResponse(BaseModel):
@@ -209,17 +216,34 @@ def _usage(results: list[BestOfNResult]) -> Usage:
     return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
 
 
+Body = TypeVar("Body", bound=BaseModel)
+
+
+def with_steps(body: Body, reward: Reward, generated: int | None = None) -> Body:
+    """`body` with `step_rewards` (and a beam expansion's `generated_tokens`) set when there are
+    any: set fields are sent, unset ones left out."""
+    if reward.steps is not None:
+        body.step_rewards = reward.steps  # type: ignore[attr-defined]  # every Body here has the field
+    if generated is not None:
+        body.generated_tokens = generated  # type: ignore[attr-defined]
+    return body
+
+
 def _candidates(results: list[BestOfNResult]) -> list[CandidateOut]:
     return [
-        CandidateOut(
-            prompt_index=p,
-            index=i,
-            text=s.candidate.text,
-            reward=s.reward,
-            rewards=s.score.members,
-            completion_tokens=len(s.candidate.token_ids),
-            finish_reason=s.candidate.finish_reason,
-            pruned=s.pruned,
+        with_steps(
+            CandidateOut(
+                prompt_index=p,
+                index=i,
+                text=s.candidate.text,
+                reward=s.reward,
+                rewards=s.score.members,
+                completion_tokens=len(s.candidate.token_ids),
+                finish_reason=s.candidate.finish_reason,
+                pruned=s.pruned,
+            ),
+            s.score,
+            s.generated,
         )
         for p, result in enumerate(results)
         for i, s in enumerate(result.candidates)
@@ -236,13 +260,16 @@ def completion_body(
     with_candidates: bool,
 ) -> CompletionResponse:
     choices = [
-        CompletionChoice(
-            index=p * n + j,
-            text=result.candidates[c].candidate.text,
-            logprobs=None,
-            finish_reason=result.candidates[c].candidate.finish_reason,
-            reward=result.candidates[c].reward,
-            rewards=result.candidates[c].score.members,
+        with_steps(
+            CompletionChoice(
+                index=p * n + j,
+                text=result.candidates[c].candidate.text,
+                logprobs=None,
+                finish_reason=result.candidates[c].candidate.finish_reason,
+                reward=result.candidates[c].reward,
+                rewards=result.candidates[c].score.members,
+            ),
+            result.candidates[c].score,
         )
         for p, result in enumerate(results)
         for j, c in enumerate(result.chosen)
@@ -265,13 +292,16 @@ def chat_body(
     request_id: str, created: int, model: str, fingerprint: str, result: BestOfNResult, with_candidates: bool
 ) -> ChatCompletionResponse:
     choices = [
-        ChatChoice(
-            index=j,
-            message=AssistantMessage(role="assistant", content=result.candidates[c].candidate.text),
-            logprobs=None,
-            finish_reason=result.candidates[c].candidate.finish_reason,
-            reward=result.candidates[c].reward,
-            rewards=result.candidates[c].score.members,
+        with_steps(
+            ChatChoice(
+                index=j,
+                message=AssistantMessage(role="assistant", content=result.candidates[c].candidate.text),
+                logprobs=None,
+                finish_reason=result.candidates[c].candidate.finish_reason,
+                reward=result.candidates[c].reward,
+                rewards=result.candidates[c].score.members,
+            ),
+            result.candidates[c].score,
         )
         for j, c in enumerate(result.chosen)
     ]
@@ -307,6 +337,7 @@ def as_stream(body: CompletionResponse | ChatCompletionResponse) -> Iterator[str
                 finish_reason=c.finish_reason,
                 reward=c.reward,
                 rewards=c.rewards,
+                **c.model_dump(include={"step_rewards"}, exclude_unset=True),
             )
             for c in body.choices
         ]

@@ -37,6 +37,7 @@ from server.api.responses import (
     chat_body,
     completion_body,
     selection_out,
+    with_steps,
 )
 from server.assembly import Service
 from server.engines.contract import SamplingParams
@@ -128,6 +129,18 @@ async def retrieve_model(model: str, request: Request, pinned: Checkpoints) -> M
     return _model_card(request, pinned)
 
 
+def _check_step_aggregate(pinned: Pinned, step_aggregate: str | None) -> None:
+    """A step rule asks for a process reward model: refused by name when none is loaded."""
+    if step_aggregate is not None and not any(rm.info.steps for rm in pinned.reward_models.values()):
+        raise APIError(
+            400,
+            "step_aggregate needs a process reward model, and this server's reward models are all "
+            "outcome models",
+            "step_aggregate",
+            "invalid_value",
+        )
+
+
 def _params(request: Request, admission: Admission, pinned: Pinned, body, prompts) -> SamplingParams:
     default = request.app.state.default_max_tokens
     max_tokens = admission.resolve_max_tokens(pinned.policy.info, prompts, body.max_tokens, default)
@@ -140,16 +153,9 @@ async def _best_of_n(request: Request, service: Service, pinned: Pinned, body, r
     """A completions or chat request's prompts through admission's checks and the pipeline,
     cancelled if the client goes away."""
     params = _params(request, service.admission, pinned, body, prompts)
+    _check_step_aggregate(pinned, body.step_aggregate)
     run = service.best_of_n.run(
-        pinned,
-        request_id,
-        prompts,
-        params,
-        body.n,
-        body.sampled,
-        body.log,
-        body.rejection(),
-        body.selection_rule(),
+        pinned, request_id, prompts, params, body.n, body.sampled, body.log, body.options()
     )
     return await _until_disconnect(request, run)
 
@@ -192,7 +198,7 @@ async def chat_completions(
     return _maybe_stream(response, body.stream)
 
 
-@router.post("/score")
+@router.post("/score", response_model_exclude_unset=True)
 async def score(body: ScoreRequest, request: Request, pinned: Checkpoints, service: Parts) -> ScoreResponse:
     """Rewards of given responses (one prompt, many responses; or unrelated pairs), in input order."""
     body.refuse_unsupported()
@@ -203,14 +209,18 @@ async def score(body: ScoreRequest, request: Request, pinned: Checkpoints, servi
     ]
     field = "pairs" if body.pairs is not None else "responses"
     references = [p.reference for p in given]
+    _check_step_aggregate(pinned, body.step_aggregate)
     rewards = await _until_disconnect(
-        request, service.best_of_n.score_pairs(pinned, pairs, references, field)
+        request, service.best_of_n.score_pairs(pinned, pairs, references, field, body.step_aggregate)
     )
     return ScoreResponse(
         object="list",
         model=request.app.state.model_name,
         reward_model=pinned.reward_model_label()[0],
-        data=[ScoreItem(index=i, reward=r.value, rewards=r.members) for i, r in enumerate(rewards)],
+        data=[
+            with_steps(ScoreItem(index=i, reward=r.value, rewards=r.members), r)
+            for i, r in enumerate(rewards)
+        ],
     )
 
 

@@ -14,7 +14,12 @@ Both classes meet the engine contract (`server.engines.contract`):
   seed + i, so a seeded request draws the same candidates whatever shares the batch (but not the
   transformers engine's candidates: the two draw differently).
 - Scoring: the raw logit of the sequence-classification head at the last token
-  (`PoolingParams(use_activation=False)`; vLLM's default would apply a sigmoid).
+  (`PoolingParams(use_activation=False)`; vLLM's default would apply a sigmoid). A process reward
+  model runs `token_classify` with STEP pooling at its step token: the Qwen PRM class as vLLM
+  ships it, a token classifier converted by vLLM, and a Math-Shepherd causal LM converted to a
+  two-label classifier whose rows are its LM head's rows of the bad and good tokens
+  (`classifier_from_token`). Raw logits come back; bon's `step_probability` reads them, as the
+  transformers engine does.
 - A client that goes away cancels its task; vLLM aborts the request. An engine that dies raises
   `EngineDead` from then on, and `check` reports it, so /ready fails instead of lying.
 - If bon itself dies without shutting its engines down (kill -9, the OOM killer), a reaper process
@@ -43,6 +48,7 @@ os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
 
 from vllm import PoolingParams  # noqa: E402
 from vllm import SamplingParams as VLLMSamplingParams
+from vllm.config import PoolerConfig
 from vllm.engine.arg_utils import AsyncEngineArgs
 from vllm.inputs.engine import tokens_input
 from vllm.platforms import current_platform
@@ -54,6 +60,7 @@ from server import metrics
 from server.engines.contract import Candidate, SampleRequest, SamplingParams
 from server.failures import CheckpointError, EngineDead, EngineStopped, Overloaded
 from server.policy import PolicyInfo, probe_ids
+from server.process_reward import StepLayout, step_probability
 from server.reward import Reward, RewardModelInfo, check_finite, probe_input
 
 log = logging.getLogger(__name__)
@@ -73,7 +80,25 @@ class VLLMOptions:
     max_queued: int  # prompts (sampling) or score calls in flight beyond which Overloaded
 
 
-def engine_args(path: Path, checkpoint_dtype: str, max_model_len: int, pooling: bool, options: VLLMOptions):
+def step_pooling(layout: StepLayout, tokenizer) -> dict:
+    """Engine arguments that read a process reward model at its step token."""
+    args: dict = {"pooler_config": PoolerConfig(pooling_type="STEP", step_tag_id=layout.step_id)}
+    if layout.layout == "shepherd":
+        # A causal LM becomes a two-label classifier whose rows are its LM head's [bad, good] rows.
+        tokens = tokenizer.convert_ids_to_tokens([layout.bad_id, layout.good_id])
+        args["convert"] = "classify"
+        args["hf_overrides"] = {"classifier_from_token": tokens, "method": "no_post_processing"}
+    return args
+
+
+def engine_args(
+    path: Path,
+    checkpoint_dtype: str,
+    max_model_len: int,
+    pooling: bool,
+    options: VLLMOptions,
+    extra: dict | None = None,
+):
     kv_cache_gib = options.kv_cache_gib or (CPU_KV_CACHE_GIB if current_platform.is_cpu() else None)
     args = dict(
         model=str(path),
@@ -90,6 +115,7 @@ def engine_args(path: Path, checkpoint_dtype: str, max_model_len: int, pooling: 
         args["kv_cache_memory_bytes"] = int(kv_cache_gib * GiB)
     if pooling:
         args["runner"] = "pooling"
+    args.update(extra or {})
     if current_platform.is_cpu():
         # On a CPU a seeded request whose prefill is split over steps kills the engine ("CPU
         # Generator does not use offset"): schedule every prompt whole.
@@ -168,9 +194,11 @@ class _Engines:
         self.closed = False
         self._reported: set[int] = set()  # engines whose death is already in the log
 
-    async def _start(self, path: Path, checkpoint_dtype: str, max_model_len: int, smoke_test) -> AsyncLLM:
+    async def _start(
+        self, path: Path, checkpoint_dtype: str, max_model_len: int, smoke_test, extra: dict | None = None
+    ) -> AsyncLLM:
         """A new engine on `path`, which has run `smoke_test(engine)`; CheckpointError if not."""
-        args = engine_args(path, checkpoint_dtype, max_model_len, self.role == "scoring", self.options)
+        args = engine_args(path, checkpoint_dtype, max_model_len, self.role == "scoring", self.options, extra)
         try:
             # Starting an engine blocks for seconds (processes, weights, warm-up): off the event loop.
             engine = await asyncio.to_thread(AsyncLLM.from_engine_args, args)
@@ -293,27 +321,50 @@ class VLLMScorer(_Engines):
 
     role = "scoring"
 
+    def __init__(self, options: VLLMOptions):
+        super().__init__(options)
+        self._steps: dict[int, StepLayout] = {}  # a PRM engine's layout, by id(engine)
+
     async def load(self, reward_model: RewardModelInfo) -> AsyncLLM:
-        ids = probe_input(reward_model)
-        return await self._start(
+        ids, layout = probe_input(reward_model), reward_model.steps
+        engine = await self._start(
             reward_model.path,
             reward_model.dtype,
             reward_model.max_length,
-            lambda engine: self._probe(engine, ids, reward_model.path),
+            lambda engine: self._probe(engine, ids, reward_model.path, layout),
+            step_pooling(layout, reward_model.tokenizer) if layout is not None else None,
         )
+        if layout is not None:
+            self._steps[id(engine)] = layout
+        return engine
+
+    async def release(self, weights: object) -> None:
+        self._steps.pop(id(weights), None)
+        await super().release(weights)
 
     @classmethod
-    async def _probe(cls, engine: AsyncLLM, ids: list[int], path: Path) -> None:
-        check_finite([Reward(await cls._score_one(engine, ids))], path)
+    async def _probe(cls, engine: AsyncLLM, ids: list[int], path: Path, layout: StepLayout | None) -> None:
+        read = cls._score_one if layout is None else cls._score_steps
+        check_finite([await read(engine, ids)], path)
 
     @staticmethod
-    async def _score_one(engine: AsyncLLM, ids: list[int]) -> float:
+    async def _score_one(engine: AsyncLLM, ids: list[int]) -> Reward:
         params = PoolingParams(task="classify", use_activation=False)
         final = await _final(engine.encode(tokens_input(ids), params, request_id=uuid.uuid4().hex))
-        return float(final.outputs.data[0])  # one label: the raw logit
+        return Reward(float(final.outputs.data[0]))  # one label: the raw logit
+
+    @staticmethod
+    async def _score_steps(engine: AsyncLLM, ids: list[int]) -> Reward:
+        """A PRM's step scores: STEP pooling returns the raw logits at each step token, (steps, labels)."""
+        params = PoolingParams(task="token_classify", use_activation=False)
+        final = await _final(engine.encode(tokens_input(ids), params, request_id=uuid.uuid4().hex))
+        logits = final.outputs.data.float().reshape(-1, final.outputs.data.shape[-1]).tolist()
+        steps = [step_probability(row) for row in logits]
+        return Reward(steps[-1] if steps else float("nan"), steps=steps)
 
     async def score(self, inputs: list[list[int]], weights: object) -> list[Reward]:
-        async with self._job(weights):
+        engine = cast(AsyncLLM, weights)
+        read = self._score_steps if id(engine) in self._steps else self._score_one
+        async with self._job(engine):
             # One vLLM request per input: vLLM batches them, and shares the prompt's blocks.
-            values = await asyncio.gather(*(self._score_one(weights, ids) for ids in inputs))
-        return [Reward(value) for value in values]
+            return list(await asyncio.gather(*(read(engine, ids) for ids in inputs)))

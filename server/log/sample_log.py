@@ -63,8 +63,10 @@ CREATE TABLE IF NOT EXISTS completions (
     completion_tokens INTEGER NOT NULL,
     reward_truncated INTEGER NOT NULL,
     created REAL NOT NULL,            -- the request's, repeated for the time-window index
-    pruned INTEGER NOT NULL DEFAULT 0, -- stopped by early rejection: partial text, partial reward
-    rewards TEXT                      -- JSON {member: raw reward}; reward is their combination
+    pruned INTEGER NOT NULL DEFAULT 0, -- partial (early rejection, beam search): partial text and reward
+    rewards TEXT,                     -- JSON {member: raw reward}; reward is their combination
+    step_rewards TEXT,                -- JSON [score per step] from a process reward model
+    generated_tokens INTEGER          -- beam search: tokens decoded for this expansion alone
 );
 CREATE INDEX IF NOT EXISTS completions_request ON completions (request_id);
 CREATE INDEX IF NOT EXISTS completions_created ON completions (created);
@@ -72,7 +74,7 @@ CREATE VIEW IF NOT EXISTS candidates AS
 SELECT c.id, c.request_id, c.prompt_index, c.candidate_index, p.prompt, c.completion, c.reward,
        c.rank, c.finish_reason, r.policy, r.policy_version, r.reward_model, r.reward_model_version,
        r.params, p.prompt_tokens, c.completion_tokens, c.reward_truncated, c.created, c.pruned,
-       c.rewards
+       c.rewards, c.step_rewards, c.generated_tokens
 FROM completions c
 JOIN prompts p ON p.request_id = c.request_id AND p.prompt_index = c.prompt_index
 JOIN requests r ON r.request_id = c.request_id;
@@ -112,6 +114,13 @@ ALTER TABLE completions ADD COLUMN rewards TEXT;
 DROP VIEW IF EXISTS candidates;
 """
 
+# A log written before process reward models has neither step column; the view is rebuilt.
+ADD_STEPS = """
+ALTER TABLE completions ADD COLUMN step_rewards TEXT;
+ALTER TABLE completions ADD COLUMN generated_tokens INTEGER;
+DROP VIEW IF EXISTS candidates;
+"""
+
 # The columns of one candidate as `read_records` returns it (the `candidates` view, less its id).
 COLUMNS = (
     "request_id",
@@ -133,6 +142,8 @@ COLUMNS = (
     "created",
     "pruned",
     "rewards",
+    "step_rewards",
+    "generated_tokens",
 )
 
 
@@ -150,6 +161,8 @@ class CompletionRecord:
     reward_truncated: bool
     pruned: bool = False
     rewards: dict[str, float] | None = None  # every member's raw reward, by name
+    step_rewards: list[float] | None = None  # a process reward model's score of each step
+    generated_tokens: int | None = None  # beam search: tokens decoded for this expansion alone
 
 
 @dataclass
@@ -196,12 +209,13 @@ class RequestRecord:
         )
         connection.executemany(
             "INSERT INTO completions (request_id, prompt_index, candidate_index, completion, reward, "
-            "rank, finish_reason, completion_tokens, reward_truncated, created, pruned, rewards) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "rank, finish_reason, completion_tokens, reward_truncated, created, pruned, rewards, "
+            "step_rewards, generated_tokens) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             [
                 (self.request_id, c.prompt_index, c.candidate_index, c.completion, c.reward, c.rank,
                  c.finish_reason, c.completion_tokens, int(c.reward_truncated), self.created,
-                 int(c.pruned), None if c.rewards is None else json.dumps(c.rewards))
+                 int(c.pruned), None if c.rewards is None else json.dumps(c.rewards),
+                 None if c.step_rewards is None else json.dumps(c.step_rewards), c.generated_tokens)
                 for c in self.completions
             ],
         )  # fmt: skip
@@ -248,6 +262,9 @@ def _connect(path: Path) -> sqlite3.Connection:
     if columns and "rewards" not in columns:
         log.info("migrating candidate log %s: a rewards column for several reward models", path)
         connection.executescript(f"BEGIN; {ADD_REWARDS} COMMIT;")
+    if columns and "step_rewards" not in columns:
+        log.info("migrating candidate log %s: step reward columns for process reward models", path)
+        connection.executescript(f"BEGIN; {ADD_STEPS} COMMIT;")
     connection.executescript(SCHEMA)
     return connection
 
@@ -264,7 +281,7 @@ def _open_read_only(path: Path) -> sqlite3.Connection:
     kind = connection.execute("SELECT type FROM sqlite_master WHERE name = 'candidates'").fetchone()
     columns = {row[1] for row in connection.execute("PRAGMA table_info(completions)")}
     if (
-        kind == ("table",) or not {"pruned", "rewards"} <= columns
+        kind == ("table",) or not {"pruned", "rewards", "step_rewards"} <= columns
     ):  # an older layout: migrated (once) before it is read
         connection.close()
         connect(path).close()
@@ -299,7 +316,8 @@ def read_records(
         record["params"] = json.loads(record["params"])
         record["reward_truncated"] = bool(record["reward_truncated"])
         record["pruned"] = bool(record["pruned"])
-        record["rewards"] = json.loads(record["rewards"]) if record["rewards"] is not None else None
+        for column in ("rewards", "step_rewards"):
+            record[column] = json.loads(record[column]) if record[column] is not None else None
         records.append(record)
     return records
 

@@ -15,16 +15,16 @@ import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, PreTrainedModel
 
 from server.checkpoints import loading, torch_dtype
-from server.engines.hf.prefix import prefix_groups, score_with_shared_prefix
+from server.engines.hf.prefix import hidden_with_shared_prefix, prefix_groups
 from server.failures import CheckpointError
 from server.policy import PolicyInfo, read_policy
-from server.reward import RewardModelInfo, read_reward_model
+from server.reward import Reward, RewardModelInfo, read_reward_model
 
 log = logging.getLogger(__name__)
 
 # from_pretrained switches module-global initialisation flags: two loads on two threads at once
 # (the policy and the reward model at start-up) left a tied lm_head on the meta device.
-_FROM_PRETRAINED = threading.Lock()
+FROM_PRETRAINED = threading.Lock()
 
 
 def pad_right(inputs: list[list[int]], pad_id: int | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -36,6 +36,29 @@ def pad_right(inputs: list[list[int]], pad_id: int | None) -> tuple[torch.Tensor
         input_ids[i, : len(ids)] = torch.tensor(ids)
         mask[i, : len(ids)] = 1
     return input_ids, mask
+
+
+def hidden_rows(base_model: torch.nn.Module, inputs: list[list[int]]) -> list[torch.Tensor]:
+    """Each input's last hidden states, (len(input), H): neighbours that share a long prefix (a
+    prompt's candidates) run it once; the rest run as one right-padded batch."""
+    rows: list[torch.Tensor | None] = [None] * len(inputs)
+    alone: list[int] = []
+    for group in prefix_groups(inputs):
+        if not group.shared:
+            alone += range(group.start, group.end)
+            continue
+        shared = hidden_with_shared_prefix(base_model, inputs[group.start : group.end], group.shared)
+        rows[group.start : group.end] = shared
+    if alone:
+        device = next(base_model.parameters()).device
+        input_ids, mask = pad_right([inputs[i] for i in alone], None)  # pads are masked out
+        positions = (mask.cumsum(-1) - 1).clamp_min(0)
+        hidden = base_model(
+            input_ids=input_ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device)
+        ).last_hidden_state  # (B, T, H)
+        for j, i in enumerate(alone):
+            rows[i] = hidden[j, : len(inputs[i])]
+    return [row for row in rows if row is not None]
 
 
 def score_head(model: PreTrainedModel) -> torch.nn.Module | None:
@@ -106,35 +129,24 @@ class HFRewardModel:
 
     @torch.inference_mode()
     def score(self, inputs: list[list[int]]) -> list[float]:
-        """Raw logits for a batch of token-id lists. Neighbours that share a long prefix (a
-        prompt's candidates) run it once; the rest run as one right-padded batch."""
-        rewards = [0.0] * len(inputs)
-        alone: list[int] = []
-        for group in prefix_groups(inputs):
-            if not group.shared:
-                alone += range(group.start, group.end)
-                continue
-            shared = score_with_shared_prefix(
-                self.model.base_model, self.read_out.head, inputs[group.start : group.end], group.shared
-            )
-            rewards[group.start : group.end] = shared.tolist()
-        if alone:
-            input_ids, mask = pad_right([inputs[i] for i in alone], self.info.tokenizer.pad_token_id)
-            batch = self.read_out(input_ids.to(self.model.device), mask.to(self.model.device))
-            for i, reward in zip(alone, batch.tolist(), strict=True):
-                rewards[i] = reward
-        return rewards
+        """Raw logits for a batch of token-id lists, read at each one's last token."""
+        rows = hidden_rows(self.model.base_model, inputs)
+        last = torch.stack([row[-1] for row in rows])  # (B, H)
+        return self.read_out.head(last).squeeze(-1).float().tolist()
+
+    def rewards(self, inputs: list[list[int]]) -> list[Reward]:
+        return [Reward(value) for value in self.score(inputs)]
 
 
 def load_policy_weights(info: PolicyInfo, device: str, dtype: str) -> HFPolicy:
-    with loading("policy", info.path), _FROM_PRETRAINED:
+    with loading("policy", info.path), FROM_PRETRAINED:
         model = AutoModelForCausalLM.from_pretrained(info.path, dtype=torch_dtype(dtype))
     # transformers types `.to` through a decorator that hides its signature.
     return HFPolicy(info, model.to(device).eval())  # type: ignore[arg-type]
 
 
 def load_reward_weights(info: RewardModelInfo, device: str, dtype: str) -> HFRewardModel:
-    with loading("reward model", info.path), _FROM_PRETRAINED:
+    with loading("reward model", info.path), FROM_PRETRAINED:
         model = AutoModelForSequenceClassification.from_pretrained(info.path, dtype=torch_dtype(dtype))
     if model.config.pad_token_id is None and info.tokenizer.pad_token_id is not None:
         # Without it HF's own pooling reads the score at the wrong token (accuracy ~0.5 is the

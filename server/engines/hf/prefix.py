@@ -65,17 +65,16 @@ def cache_argument(model: torch.nn.Module) -> str:
     return "cache" if "cache" in parameters else "past_key_values"
 
 
-def score_with_shared_prefix(
-    base_model: torch.nn.Module, head: torch.nn.Module, inputs: list[list[int]], shared: int
-) -> torch.Tensor:
-    """Rewards of `inputs`, whose first `shared` tokens are equal, running those tokens once.
+def hidden_with_shared_prefix(
+    base_model: torch.nn.Module, inputs: list[list[int]], shared: int
+) -> list[torch.Tensor]:
+    """Last hidden states of `inputs`, whose first `shared` tokens are equal, running those once.
 
     Args:
         base_model: the reward model's transformer (no head).
-        head: its one-label score head.
         inputs: K token-id lists, each longer than `shared`.
     Returns:
-        (K,) float32 raw logits.
+        K tensors, input k's (len(inputs[k]), H): the shared part's states, then its own tail's.
     """
     device = next(base_model.parameters()).device
     prefix = torch.tensor(inputs[0][:shared], device=device)[None]  # (1, P)
@@ -99,6 +98,5 @@ def score_with_shared_prefix(
         position_ids=positions.to(device),
         **{cache_name: cache},
     ).last_hidden_state  # (K, S, H)
-    last = torch.tensor([len(t) - 1 for t in tails], device=device)  # (K,)
-    picked = hidden[torch.arange(len(tails), device=device), last]  # (K, H)
-    return head(picked).squeeze(-1).float()
+    prefix_hidden = out.last_hidden_state[0]  # (P, H)
+    return [torch.cat([prefix_hidden, hidden[k, : len(tail)]]) for k, tail in enumerate(tails)]

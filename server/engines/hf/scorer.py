@@ -9,6 +9,7 @@ from itertools import accumulate, pairwise
 from typing import cast
 
 from server.engines.hf.models import HFRewardModel, load_reward_weights
+from server.engines.hf.process import HFProcessRewardModel, load_process_weights
 from server.engines.scheduler import Scheduler
 from server.failures import CheckpointError, NonFiniteReward
 from server.reward import Reward, RewardModelInfo, check_finite, probe_input
@@ -17,7 +18,8 @@ from server.reward import Reward, RewardModelInfo, check_finite, probe_input
 @dataclass
 class ScoreJob:
     inputs: list[list[int]]  # RM token ids
-    reward_model: HFRewardModel  # pinned at request start, so a reload never mixes models in a request
+    # Pinned at request start, so a reload never mixes models in a request.
+    reward_model: HFRewardModel | HFProcessRewardModel
 
 
 def token_budget_chunks(inputs: list[list[int]], budget: int) -> list[list[list[int]]]:
@@ -55,18 +57,18 @@ class Forward:
     def joins(self, job: ScoreJob, holding: ScoreJob | None) -> bool:
         return True  # jobs on different reward models share a step, one forward each
 
-    def step(self, joining: list[ScoreJob]) -> list[tuple[ScoreJob, list[float]]]:
+    def step(self, joining: list[ScoreJob]) -> list[tuple[ScoreJob, list[Reward]]]:
         """Score every job's inputs in one forward per reward model and split the rewards per job."""
-        results: list[list[float]] = [[] for _ in joining]
+        results: list[list[Reward]] = [[] for _ in joining]
         for indices in group_by_identity(joining, lambda j: j.reward_model).values():
             group = [joining[i] for i in indices]
-            rewards = group[0].reward_model.score([ids for job in group for ids in job.inputs])
+            rewards = group[0].reward_model.rewards([ids for job in group for ids in job.inputs])
             bounds = [0, *accumulate(len(job.inputs) for job in group)]
             for i, (start, end) in zip(indices, pairwise(bounds), strict=True):
                 results[i] = rewards[start:end]
         return list(zip(joining, results, strict=True))
 
-    def alone(self, job: ScoreJob) -> list[float]:
+    def alone(self, job: ScoreJob) -> list[Reward]:
         [(_, rewards)] = self.step([job])
         return rewards
 
@@ -78,19 +80,23 @@ class TransformersScorer:
     def __init__(self, device: str, dtype: str, max_batch_tokens: int, max_queued: int):
         self.device, self.dtype = device, dtype
         self._max_batch_tokens = max_batch_tokens
-        self._scheduler: Scheduler[ScoreJob, list[float]] = Scheduler(
+        self._scheduler: Scheduler[ScoreJob, list[Reward]] = Scheduler(
             Forward(), max_batch_tokens, max_queued, stage="scoring"
         )
 
-    def _load(self, info: RewardModelInfo) -> HFRewardModel:
-        reward_model = load_reward_weights(info, self.device, self.dtype)
+    def _load(self, info: RewardModelInfo) -> HFRewardModel | HFProcessRewardModel:
+        reward_model: HFRewardModel | HFProcessRewardModel
+        if info.steps is not None:
+            reward_model = load_process_weights(info, self.device, self.dtype)
+        else:
+            reward_model = load_reward_weights(info, self.device, self.dtype)
         try:
-            check_finite([Reward(r) for r in reward_model.score([probe_input(info)])], info.path)
+            check_finite(reward_model.rewards([probe_input(info)]), info.path)
         except NonFiniteReward as error:
             raise CheckpointError(error.message) from None
         return reward_model
 
-    async def load(self, reward_model: RewardModelInfo) -> HFRewardModel:
+    async def load(self, reward_model: RewardModelInfo) -> HFRewardModel | HFProcessRewardModel:
         return await asyncio.to_thread(self._load, reward_model)
 
     async def score(self, inputs: list[list[int]], weights: object) -> list[Reward]:
@@ -99,9 +105,8 @@ class TransformersScorer:
         submitted are never run."""
         rewards: list[Reward] = []
         for chunk in token_budget_chunks(inputs, self._max_batch_tokens):
-            job = ScoreJob(chunk, cast(HFRewardModel, weights))
-            values = await self._scheduler.submit(job, padded_tokens(chunk), sequences=len(chunk))
-            rewards += [Reward(value) for value in values]
+            job = ScoreJob(chunk, cast(HFRewardModel | HFProcessRewardModel, weights))
+            rewards += await self._scheduler.submit(job, padded_tokens(chunk), sequences=len(chunk))
         return rewards
 
     async def release(self, weights: object) -> None:
