@@ -63,7 +63,7 @@ CREATE TABLE IF NOT EXISTS completions (
     completion_tokens INTEGER NOT NULL,
     reward_truncated INTEGER NOT NULL,
     created REAL NOT NULL,            -- the request's, repeated for the time-window index
-    pruned INTEGER NOT NULL DEFAULT 0, -- partial (early rejection, beam search): partial text and reward
+    pruned INTEGER NOT NULL DEFAULT 0, -- a partial answer (early rejection, beam search)
     rewards TEXT,                     -- JSON {member: raw reward}; reward is their combination
     step_rewards TEXT,                -- JSON [score per step] from a process reward model
     generated_tokens INTEGER          -- beam search: tokens decoded for this expansion alone
