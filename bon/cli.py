@@ -21,7 +21,8 @@ DESCRIPTION = """Best-of-N serving with a Bradley-Terry reward model, and RAFT r
   bon serve --policy DIR --reward-model DIR       serve best-of-N over an OpenAI-compatible API
   bon score rows.jsonl -o scored.jsonl --reward-model DIR
   bon generate ... / bon eval ... / bon export-samples ...
-  bon train sft|rm|raft ...                      fine-tune a policy, train a reward model, RAFT
+  bon train sft|rm|prm|raft ...                  fine-tune a policy, train a reward model, RAFT
+  bon label-steps ...                            step labels from rollouts, for bon train prm
   bon demo --output DIR                          the whole pipeline on tiny models, on a CPU
 
 `bon COMMAND --help` lists a command's flags with their defaults."""
@@ -35,12 +36,15 @@ COMMANDS = {
     "train sft": ("trainers.arguments", "sft_parser", "trainers.sft"),
     "train rm": ("trainers.arguments", "rm_parser", "trainers.reward"),
     "train raft": ("trainers.arguments", "raft_parser", "trainers.raft"),
+    "train prm": ("trainers.arguments", "prm_parser", "trainers.prm"),
+    "label-steps": ("trainers.arguments", "label_steps_parser", "trainers.label_steps"),
     "demo": ("trainers.arguments", "demo_parser", "trainers.demo.pipeline"),
 }
 TRAINERS = {
     "sft": "supervised fine-tuning of a causal LM on prompt/completion or chat data",
     "rm": "a Bradley-Terry reward model from pairs, rankings with ties, and logged feedback",
     "raft": "fine-tune the policy on its best logged (or self-sampled) candidates",
+    "prm": "a process reward model from step-labelled answers (bon label-steps writes them)",
 }
 
 
@@ -229,7 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = commands.add_parser(
         "train",
-        help="train a policy (sft), a reward model (rm) or RAFT; `bon train METHOD --help`",
+        help="train a policy (sft), a reward model (rm), a process reward model (prm) or RAFT; "
+        "`bon train METHOD --help`",
         add_help=False,
     )
     train.add_argument("method", nargs="?", choices=sorted(TRAINERS))
@@ -239,6 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("score", "reward every row of a JSONL/Parquet file; resumable, torchrun-ready"),
         ("generate", "offline best-of-N: sample, score and log like the server, for RAFT data"),
         ("eval", "reward vs N, KL, win rate and diversity: eval.json, report.md and plots"),
+        ("label-steps", "label each step of sampled answers by rollouts (Math-Shepherd), for bon train prm"),
     ]:
         job = commands.add_parser(name, help=f"{what}; `bon {name} --help`", add_help=False)
         job.set_defaults(func=_run, passes_through=True)

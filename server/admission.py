@@ -62,7 +62,7 @@ def score_input(
     whole, or ContextTooLong naming `name`; scored inputs are never truncated."""
     rm = reward_model
     check_chars(scoring_chars(prompt, response), rm.max_chars, rm.max_length, field, name)
-    ids = scoring_input(rm.tokenizer, prompt, response, policy_tokenizer)
+    ids = scoring_input(rm.tokenizer, prompt, response, policy_tokenizer, rm.steps)
     if len(ids) > rm.max_length:
         raise ContextTooLong(
             f"{name} is {len(ids)} tokens for the reward model, over its limit of {rm.max_length}; "

@@ -61,6 +61,17 @@ def score_parser() -> argparse.ArgumentParser:
     parser.add_argument("--reward-weights", help="NAME=W,... as bon serve's (default 1 each)")
     parser.add_argument("--reward-uncertainty-penalty", type=float, default=1.0, help="uwo's lambda")
     parser.add_argument(
+        "--step-delimiter",
+        default="\n\n",
+        help="what ends a step, for process reward models (as bon serve's)",
+    )
+    parser.add_argument(
+        "--step-aggregate",
+        choices=["last", "min", "prod", "mean"],
+        default="min",
+        help="how a process reward model's step scores make one reward; each row also gets its step_rewards",
+    )
+    parser.add_argument(
         "--policy",
         type=Path,
         help="render chat prompts with this policy's template when the RM has none (as the server does)",

@@ -56,10 +56,8 @@ class StepLayout:
         return text.replace(self.step_token, "")
 
     def steps(self, completion: str) -> list[str]:
-        """The completion's steps: its non-blank pieces between delimiters, the step token removed.
-        A completion with no such piece is one (empty) step, so every candidate has a score."""
-        clean = self.clean(completion)
-        return [s for s in clean.split(self.delimiter) if s.strip()] or [clean]
+        """The completion's steps (`split_steps`), the step token removed."""
+        return split_steps(self.clean(completion), self.delimiter)
 
     def mark(self, completion: str) -> str:
         """The completion as the PRM reads it: each step followed by the layout's suffix."""
@@ -71,6 +69,12 @@ class StepLayout:
             f"process reward model ({self.layout} layout): step token {self.step_token!r} "
             f"(id {self.step_id}){tokens}, steps split at {self.delimiter!r}"
         )
+
+
+def split_steps(text: str, delimiter: str) -> list[str]:
+    """The non-blank pieces of `text` between delimiters; a text with none is one (empty) step, so
+    every answer has a score."""
+    return [s for s in text.split(delimiter) if s.strip()] or [text]
 
 
 def token_id(tokenizer: PreTrainedTokenizerBase, token: str, what: str, directory: Path) -> int:
@@ -112,6 +116,15 @@ def read_step_layout(
     architectures = config.architectures or []
     if raw.get("kind") == "outcome" or (not raw and QWEN_ARCHITECTURE not in architectures):
         return None
+    return step_layout(raw, directory, config, tokenizer, delimiter)
+
+
+def step_layout(
+    raw: dict, directory: Path, config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase, delimiter: str
+) -> StepLayout:
+    """The layout a `bon_reward.json` (`raw`, {} for none) and a config describe; CheckpointError
+    naming `directory` when they do not fit its tokenizer."""
+    architectures = config.architectures or []
     if QWEN_ARCHITECTURE in architectures:
         layout: Layout = "qwen"
         step_token = _string(raw, "step_token", directory, QWEN_STEP_TOKEN)

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from transformers import PreTrainedTokenizerBase
 
 from server.failures import InvalidInput
+from server.process_reward import StepLayout
 from server.reward import Messages, RewardInput, RewardModelInfo, encode_candidate
 
 
@@ -84,11 +85,12 @@ def scoring_input(
     prompt: str | Messages,
     response: str,
     policy_tokenizer: PreTrainedTokenizerBase,
+    steps: StepLayout | None = None,
 ) -> list[int]:
-    """The RM input of a (prompt, response) pair as given (`/v1/score`, `bon score`, the RM
-    trainer), before any length rule: a text prompt by the completions rule, messages by the RM's
+    """The RM input of a (prompt, response) pair as given (`/v1/score`, `bon score`, the reward
+    trainers), before any length rule: a text prompt by the completions rule, messages by the RM's
     chat template, or, when the RM has none, the policy's rendering of them (what the policy was
-    served)."""
+    served); a process reward model's `steps` mark the response."""
     if isinstance(prompt, str):
-        return encode_candidate(rm_tokenizer, prompt, None, response)
-    return encode_candidate(rm_tokenizer, render_messages(policy_tokenizer, prompt), prompt, response)
+        return encode_candidate(rm_tokenizer, prompt, None, response, steps)
+    return encode_candidate(rm_tokenizer, render_messages(policy_tokenizer, prompt), prompt, response, steps)

@@ -33,7 +33,7 @@ from server.checkpoints import (
     weight_names,
 )
 from server.failures import CheckpointError, InvalidInput, NonFiniteReward
-from server.process_reward import DEFAULT_DELIMITER, StepLayout, read_step_layout
+from server.process_reward import DEFAULT_DELIMITER, StepLayout, aggregate, read_step_layout
 
 Messages = list[dict[str, str]]
 
@@ -83,14 +83,24 @@ def encode_chat(
 
 
 def encode_candidate(
-    tokenizer: PreTrainedTokenizerBase, prompt_text: str, messages: Messages | None, completion: str
+    tokenizer: PreTrainedTokenizerBase,
+    prompt_text: str,
+    messages: Messages | None,
+    completion: str,
+    steps: StepLayout | None = None,
 ) -> list[int]:
     """The RM input rule, in one place for the server and the trainers: the chat rule when there
     are messages (falling back to `prompt_text`, the policy's rendering), else the completions rule.
 
-    An empty text (an empty prompt and a completion cut at its first character) is read as the
-    tokenizer's bos token, or else its eos: the RM has no reading of zero tokens.
+    A process reward model (`steps`) reads the completion with its steps marked, and a step token
+    written in the prompt is removed (it would read as a step). An empty text (an empty prompt and
+    a completion cut at its first character) is read as the tokenizer's bos token, or else its
+    eos: the RM has no reading of zero tokens.
     """
+    if steps is not None:
+        prompt_text, completion = steps.clean(prompt_text), steps.mark(completion)
+        if messages is not None:
+            messages = [{**m, "content": steps.clean(m["content"])} for m in messages]
     if messages is not None:
         ids = encode_chat(tokenizer, messages, completion, fallback_prompt=prompt_text)
     else:
@@ -155,14 +165,7 @@ class RewardModelInfo:
     steps: StepLayout | None = None  # a process reward model's step layout; None: an outcome model
 
     def encode(self, prompt_text: str, messages: Messages | None, completion: str) -> list[int]:
-        """The RM's input for one candidate; a PRM reads the completion with its steps marked, and
-        a step token written in the prompt is removed (it would read as a step)."""
-        if self.steps is None:
-            return encode_candidate(self.tokenizer, prompt_text, messages, completion)
-        clean = self.steps.clean
-        if messages is not None:
-            messages = [{**m, "content": clean(m["content"])} for m in messages]
-        return encode_candidate(self.tokenizer, clean(prompt_text), messages, self.steps.mark(completion))
+        return encode_candidate(self.tokenizer, prompt_text, messages, completion, self.steps)
 
     def described(self) -> str:
         return self.steps.described() if self.steps is not None else "outcome reward model (raw logit)"
@@ -217,6 +220,11 @@ def _check_outcome_head(directory: Path, config, names: set[str]) -> None:
             f"reward model {directory} has no trained score head (no score.weight or classifier.weight "
             "in its weights); it looks like a causal LM, not a sequence-classification checkpoint"
         )
+
+
+def read_steps(rewards: list[Reward], rule: str) -> list[Reward]:
+    """A process reward model's readings, their value the `rule` aggregate of their step scores."""
+    return [Reward(aggregate(r.steps or [], rule), steps=r.steps) for r in rewards]
 
 
 def check_finite(rewards: list[Reward], reward_model: Path) -> list[Reward]:

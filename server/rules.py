@@ -41,25 +41,26 @@ class Rule:
     function: RuleFunction
 
 
-def load_rule(name: str, spec: str) -> Rule:
-    """`module:callable`, optionally followed by a JSON object of keyword arguments."""
+def load_rule(name: str, spec: str, flag: str = "--reward-function") -> Rule:
+    """`module:callable`, optionally followed by a JSON object of keyword arguments; errors name
+    the `flag` that gave it."""
     target, _, arguments = spec.strip().partition(" ")
     module_name, _, attribute = target.partition(":")
     if not module_name or not attribute:
-        raise RuleSpecError(f"--reward-function {name}={spec}: expected NAME=module:callable")
+        raise RuleSpecError(f"{flag} {name}={spec}: expected NAME=module:callable")
     try:
         function = getattr(importlib.import_module(module_name), attribute)
     except (ImportError, AttributeError) as error:
-        raise RuleSpecError(f"--reward-function {name}: cannot load {target} ({error})") from None
+        raise RuleSpecError(f"{flag} {name}: cannot load {target} ({error})") from None
     if not callable(function):
-        raise RuleSpecError(f"--reward-function {name}: {target} is not callable")
+        raise RuleSpecError(f"{flag} {name}: {target} is not callable")
     if arguments.strip():
         try:
             keywords = json.loads(arguments)
         except json.JSONDecodeError as error:
-            raise RuleSpecError(f"--reward-function {name}: its arguments are not JSON ({error})") from None
+            raise RuleSpecError(f"{flag} {name}: its arguments are not JSON ({error})") from None
         if not isinstance(keywords, dict):
-            raise RuleSpecError(f"--reward-function {name}: its arguments must be a JSON object")
+            raise RuleSpecError(f"{flag} {name}: its arguments must be a JSON object")
         function = partial(function, **keywords)
     return Rule(name, spec, function)
 

@@ -16,11 +16,11 @@ from server import metrics
 from server.admission import Admission, draws
 from server.engines.contract import Candidate, RewardScorer, Sampler, SampleRequest, SamplingParams
 from server.log.sample_log import CompletionRecord, RequestRecord, SampleLog
-from server.process_reward import DEFAULT_AGGREGATE, DEFAULT_DELIMITER, aggregate
+from server.process_reward import DEFAULT_AGGREGATE, DEFAULT_DELIMITER
 from server.prompts import Prompt, render_messages, reward_input
 from server.registry import Loaded, Pinned
 from server.rejection import EarlyRejection, continuation, joined
-from server.reward import Messages, Reward, RewardModelInfo, check_finite
+from server.reward import Messages, Reward, RewardModelInfo, check_finite, read_steps
 from server.rules import RuleRunner
 from server.search import Beam, BeamSearch, Expansion, expand, round_params
 from server.seeds import expansion_seed, prompt_seed
@@ -166,9 +166,7 @@ class BestOfN:
         """One reward model's raw rewards of its inputs (a PRM's: its step scores aggregated by
         `step_aggregate`); NonFiniteReward for NaN or inf."""
         rewards = check_finite(await self.scorer.score(inputs, loaded.weights), loaded.info.path)
-        if loaded.info.steps is None:
-            return rewards
-        return [Reward(aggregate(r.steps or [], step_aggregate), steps=r.steps) for r in rewards]
+        return rewards if loaded.info.steps is None else read_steps(rewards, step_aggregate)
 
     async def combined(
         self,

@@ -19,3 +19,8 @@ def moody(prompt: str, completion: str, reference: str | None) -> float:
     if reference == "nan":
         return float("nan")
     return 0.0
+
+
+def contains(prompt: str, completion: str, reference: str | None) -> bool:
+    """A checker for bon label-steps: the answer contains the reference."""
+    return reference is not None and reference in completion

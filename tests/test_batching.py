@@ -183,6 +183,7 @@ def test_a_job_that_breaks_its_batch_fails_alone():
 
 def test_a_large_score_request_goes_in_budget_sized_chunks_and_stops_when_its_client_leaves():
     from server.engines.hf.scorer import TransformersScorer, token_budget_chunks
+    from server.reward import Reward
 
     # Padded sizes: 2 x 4 = 8 fits; 2 + 6 would pad to 12, 6 + 1 to 12; 9 runs alone.
     inputs = [[1] * n for n in (3, 4, 2, 6, 1, 9)]
@@ -193,10 +194,10 @@ def test_a_large_score_request_goes_in_budget_sized_chunks_and_stops_when_its_cl
 
         calls = 0
 
-        def score(self, batch):
+        def rewards(self, batch):
             Weights.calls += 1
             time.sleep(0.05)
-            return [float(len(ids)) for ids in batch]
+            return [Reward(float(len(ids))) for ids in batch]
 
     async def scenario():
         scorer = TransformersScorer("cpu", "auto", max_batch_tokens=8, max_queued=8)

@@ -90,6 +90,58 @@ def rm_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def prm_parser() -> argparse.ArgumentParser:
+    parser, required = job_parser("bon train prm", module_doc("trainers.prm"))
+    required.add_argument("--base", type=Path, required=True, help="causal-LM directory to start from")
+    required.add_argument(
+        "--data", type=Path, required=True, help='JSONL of {"prompt", "steps", "labels"} (bon label-steps)'
+    )
+    required.add_argument("--output", type=Path, required=True, help="new directory for the PRM")
+    parser.add_argument("--step-delimiter", default="\n\n", help="what joins the steps (as bon serve's)")
+    parser.add_argument(
+        "--step-token", default="ки", help="placed after each step; added if the vocabulary lacks it"
+    )
+    parser.add_argument("--good-token", default="+", help="its logit at the step token reads good")
+    parser.add_argument("--bad-token", default="-", help="its logit at the step token reads bad")
+    parser.add_argument("--eval-fraction", type=float, default=0.1, help="answers held out for evaluation")
+    add_train_args(parser, learning_rate=1e-5, batch_size=8, max_length=1024)
+    return parser
+
+
+def label_steps_parser() -> argparse.ArgumentParser:
+    parser, required = job_parser("bon label-steps", module_doc("trainers.label_steps"))
+    required.add_argument(
+        "--policy", type=Path, required=True, help="the policy that writes and continues answers"
+    )
+    required.add_argument(
+        "--prompts",
+        type=Path,
+        required=True,
+        help='JSONL: a "prompt" and a "reference" (the answer) per line',
+    )
+    required.add_argument(
+        "--checker",
+        required=True,
+        help="module:callable(prompt, completion, reference) -> bool or float in [0, 1]: is the answer right",
+    )
+    required.add_argument("-o", "--output", type=Path, required=True, help="steps JSONL for bon train prm")
+    parser.add_argument("--rollouts", type=int, default=8, help="completions continued from each step (K)")
+    parser.add_argument("--answers", type=int, default=2, help="answers sampled and labelled per prompt")
+    parser.add_argument(
+        "--labels",
+        choices=["hard", "soft"],
+        default="soft",
+        help="hard: any rollout right; soft: the share right",
+    )
+    parser.add_argument("--step-delimiter", default="\n\n", help="what ends a step (as bon serve's)")
+    parser.add_argument("--max-tokens", type=int, default=128, help="tokens of an answer, and of a rollout")
+    parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
+    parser.add_argument("--seed", type=int, default=0, help="seeds every answer and rollout")
+    parser.add_argument("--batch-size", type=int, default=64, help="sequences decoded together")
+    parser.add_argument("--torch-threads", type=int, default=0, help=THREADS_HELP)
+    return parser
+
+
 def raft_parser() -> argparse.ArgumentParser:
     parser, required = job_parser("bon train raft", module_doc("trainers.raft"))
     required.add_argument("--policy", type=Path, required=True, help="the policy to improve (not modified)")

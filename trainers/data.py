@@ -64,7 +64,7 @@ def read_jsonl(path: Path) -> list[tuple[int, dict[str, Any]]]:
     return records
 
 
-def _prompt(record: dict, where: str) -> Prompt:
+def read_prompt(record: dict, where: str) -> Prompt:
     prompt = record.get("prompt")
     if isinstance(prompt, str):
         return prompt
@@ -86,7 +86,7 @@ def load_sft(path: Path) -> list[SFTExample]:
                 raise DataError(f"{where}: 'messages' must end with an assistant message (the target)")
             examples.append(SFTExample(messages[:-1], messages[-1]["content"]))
         elif isinstance(record.get("completion"), str):
-            examples.append(SFTExample(_prompt(record, where), record["completion"]))
+            examples.append(SFTExample(read_prompt(record, where), record["completion"]))
         else:
             raise DataError(f"{where}: needs 'prompt' and 'completion', or 'messages'")
     return examples
@@ -94,7 +94,7 @@ def load_sft(path: Path) -> list[SFTExample]:
 
 def preference_group(record: dict, where: str) -> PreferenceGroup:
     """One JSONL record (pair or ranking) as a group."""
-    prompt = _prompt(record, where)
+    prompt = read_prompt(record, where)
     if "chosen" in record or "rejected" in record:
         chosen, rejected = record.get("chosen"), record.get("rejected")
         if not isinstance(chosen, str) or not isinstance(rejected, str):
@@ -120,7 +120,7 @@ def preference_group(record: dict, where: str) -> PreferenceGroup:
 
 def load_prompts(path: Path) -> list[Prompt]:
     """JSONL with a "prompt" (string or messages) per line."""
-    return [_prompt(record, f"{path}:{number}") for number, record in read_jsonl(path)]
+    return [read_prompt(record, f"{path}:{number}") for number, record in read_jsonl(path)]
 
 
 def load_preferences(paths: list[Path]) -> list[PreferenceGroup]:
@@ -143,3 +143,37 @@ def load_feedback(sample_log: Path) -> list[PreferenceGroup]:
                 PreferenceGroup(row["prompt"], [c for c, _ in ranked], [float(r) for _, r in ranked])
             )
     return groups
+
+
+@dataclass
+class StepExample:
+    """An answer written as steps, each labelled good (1), bad (0) or with a probability of good."""
+
+    prompt: Prompt
+    steps: list[str]
+    labels: list[float]
+
+
+def step_example(record: dict, where: str, delimiter: str) -> StepExample:
+    """One {"prompt", "steps", "labels"} record. A step may not hold the step delimiter nor be
+    blank: the answer the server scores is the steps joined by it, and it splits them back there."""
+    prompt = read_prompt(record, where)
+    steps, labels = record.get("steps"), record.get("labels")
+    if not isinstance(steps, list) or not steps or not all(isinstance(s, str) for s in steps):
+        raise DataError(f"{where}: 'steps' must list at least one string")
+    if not isinstance(labels, list) or len(labels) != len(steps):
+        raise DataError(f"{where}: 'labels' must have one label per step ({len(steps)})")
+    for i, label in enumerate(labels):
+        if isinstance(label, bool) or not isinstance(label, int | float) or not 0 <= label <= 1:
+            raise DataError(f"{where}: labels[{i}] is {label!r}; a label is 0, 1 or a probability in [0, 1]")
+    for i, step in enumerate(steps):
+        if not step.strip() or delimiter in step:
+            raise DataError(
+                f"{where}: steps[{i}] is blank or holds the step delimiter {delimiter!r}; the server "
+                "could not split the answer back into these steps"
+            )
+    return StepExample(prompt, steps, [float(label) for label in labels])
+
+
+def load_steps(path: Path, delimiter: str) -> list[StepExample]:
+    return [step_example(record, f"{path}:{number}", delimiter) for number, record in read_jsonl(path)]

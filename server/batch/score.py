@@ -7,8 +7,9 @@ or {"prompt": ..., "responses": [str, ...]}; OUTPUT has every row, in input orde
 fields and "reward" (or "rewards", one per response) added: the raw logit, from the same
 reward-model input rule as the server. With several reward models, "reward" is their combination
 (bon serve's rule: --reward-combine, --reward-weights) and "reward_members" (or "rewards_members")
-holds each one's raw reward by name. A row a reward model cannot take whole (longer than its
-context) is a bad row: it is never truncated.
+holds each one's raw reward by name. A process reward model's reward is its --step-aggregate of
+the step scores, which go in "step_rewards" (a list per response). A row a reward model cannot take
+whole (longer than its context) is a bad row: it is never truncated.
 
 The input is read in windows; each window is sorted by length and scored in batches of at most
 --batch-tokens tokens, so padding stays small and memory stays bounded however long the file is.
@@ -49,7 +50,7 @@ from server.failures import ContextTooLong
 from server.members import member_name, parse_weights
 from server.policy import read_policy
 from server.prompts import unicode_text
-from server.reward import RewardModelInfo, check_finite, read_reward_model
+from server.reward import Reward, RewardModelInfo, check_finite, read_reward_model, read_steps
 from server.selection import Combination, combine
 from server.threads import apply_torch_threads
 
@@ -118,8 +119,10 @@ class ScoreJob:
         scorer,
         combination: Combination,
         skip_bad_rows: bool,
+        step_aggregate: str,
     ):
         self.members, self.policy_tokenizer = members, policy_tokenizer
+        self.step_aggregate = step_aggregate  # a process reward model's rule
         self.scorer, self.combination = scorer, combination
         self.skip_bad_rows = skip_bad_rows
         self.bad_rows = 0  # this run's; the journal counts every run's
@@ -155,7 +158,7 @@ class ScoreJob:
                     scored.records[index]["rewards_members"] = [{} for _ in range(count)]
         return scored
 
-    async def _member(self, name: str, scored: Scored, batch_tokens: int) -> list[float]:
+    async def _member(self, name: str, scored: Scored, batch_tokens: int) -> list[Reward]:
         """One reward model's rewards, sorted by length for the forward passes and put back in
         input order. A row's responses stay together (ordered by the row's longest), so the scorer
         runs their shared prompt once."""
@@ -167,42 +170,55 @@ class ScoreJob:
         order = sorted(range(len(inputs)), key=lambda i: (longest[scored.owners[i][0]], scored.owners[i][0]))
         by_length = [inputs[i] for i in order]
         rewards = check_finite(await self.scorer.score(by_length, weights), rm.path)
+        if rm.steps is not None:
+            rewards = read_steps(rewards, self.step_aggregate)
         self.tokens += sum(len(ids) for ids in by_length)
         self.padded_tokens += sum(map(padded_tokens, token_budget_chunks(by_length, batch_tokens)))
-        values = [0.0] * len(inputs)
+        in_order = [Reward(0.0)] * len(inputs)
         for position, reward in zip(order, rewards, strict=True):
-            values[position] = reward.value
-        return values
+            in_order[position] = reward
+        return in_order
 
     async def score(self, scored: Scored, batch_tokens: int) -> None:
         """Every member's rewards in, combined: "reward" (or "rewards"), and with several reward
         models each one's raw reward by name in "reward_members" (or "rewards_members")."""
-        raw = {name: await self._member(name, scored, batch_tokens) for name in self.members}
+        read = {name: await self._member(name, scored, batch_tokens) for name in self.members}
+        raw = {name: [r.value for r in rewards] for name, rewards in read.items()}
         stats = {name: rm.stats for name, (rm, _) in self.members.items()}
         several = len(self.members) > 1
-        for (record_index, response_index), reward in zip(
-            scored.owners, combine(raw, stats, self.combination), strict=True
+        process = [read[name] for name, (rm, _) in self.members.items() if rm.steps is not None]
+        combined = combine(raw, stats, self.combination)
+        for i, ((record_index, response_index), reward) in enumerate(
+            zip(scored.owners, combined, strict=True)
         ):
             record = scored.records[record_index]
+            steps = process[0][i].steps if process else None
             if response_index is None:
                 record["reward"] = reward.value
                 if several:
                     record["reward_members"] = reward.members
+                if process:
+                    record["step_rewards"] = steps
             else:
                 record["rewards"][response_index] = reward.value
                 if several:
                     record["rewards_members"][response_index] = reward.members
+                if process:
+                    record.setdefault("step_rewards", [[] for _ in record["rewards"]])[response_index] = steps
 
 
-def added_columns(names: list[str]) -> dict[str, list[tuple[str, pa.DataType]]]:
-    """What a job adds for each input field: the reward(s), and with several reward models each
-    one's raw reward by name."""
+def added_columns(names: list[str], process: bool) -> dict[str, list[tuple[str, pa.DataType]]]:
+    """What a job adds for each input field: the reward(s), with several reward models each one's
+    raw reward by name, and with a process reward model the step scores."""
     member = pa.struct([(name, pa.float64()) for name in names])
     single: list[tuple[str, pa.DataType]] = [("reward", pa.float64())]
     several: list[tuple[str, pa.DataType]] = [("rewards", pa.list_(pa.float64()))]
     if len(names) > 1:
         single.append(("reward_members", member))
         several.append(("rewards_members", pa.list_(member)))
+    if process:
+        single.append(("step_rewards", pa.list_(pa.float64())))
+        several.append(("step_rewards", pa.list_(pa.list_(pa.float64()))))
     return {"response": single, "responses": several}
 
 
@@ -267,13 +283,14 @@ async def run(args) -> dict[str, Any]:
         raise BadInput(str(error)) from None
     if unknown := sorted(set(combination.weights) - {n for n, _ in named}):
         raise BadInput(f"--reward-weights names {', '.join(unknown)}, not a --reward-model")
+    members = {name: read_reward_model(directory, args.step_delimiter) for name, directory in named}
+    process = any(rm.steps is not None for rm in members.values())
     # Decided before any scoring: a field whose type changes between rows fails now.
     schema = (
-        output_schema(args.input, args.window_rows, added_columns([n for n, _ in named]))
+        output_schema(args.input, args.window_rows, added_columns([n for n, _ in named], process))
         if table_format(args.output) == "parquet"
         else None
     )
-    members = {name: read_reward_model(directory) for name, directory in named}
     first = next(iter(members.values()))
     policy_tokenizer = read_policy(args.policy).tokenizer if args.policy else first.tokenizer
     identity = job_identity(
@@ -314,7 +331,7 @@ async def _score(
     scorer, engine = _scorer(args)
     try:
         loaded = {name: (rm, await scorer.load(rm)) for name, rm in members.items()}
-        job = ScoreJob(loaded, policy_tokenizer, scorer, combination, args.skip_bad_rows)
+        job = ScoreJob(loaded, policy_tokenizer, scorer, combination, args.skip_bad_rows, args.step_aggregate)
         started = time.monotonic()  # the job's time: reading, tokenizing, scoring, writing
         total = count_rows(args.input)
         bar = tqdm(total=total, unit=" rows", disable=rank != 0, dynamic_ncols=True)
