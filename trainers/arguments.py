@@ -206,6 +206,7 @@ def eval_parser() -> argparse.ArgumentParser:
 @dataclass
 class DemoConfig:
     output: Path
+    suite: str = "chars"  # chars: one-character answers; steps: chains of additions (a PRM's task)
     seed: int = 0
     n: int = 16  # best-of-N measured on held-out prompts
     prompts_per_task: int = 8000
@@ -226,9 +227,14 @@ class DemoConfig:
     rm_shrink: float = 0.5  # start halfway from the SFT weights to a fresh init (DEVELOPERS.md)
     raft_epochs: int = 2
     raft_learning_rate: float = 2e-4
+    rollouts: int = 4  # steps suite: rollouts from each step, for its labels
+    label_prompts: int = 1500  # steps suite: prompts whose answers' steps are labelled
+    prm_epochs: int = 3
+    prm_learning_rate: float = 1e-3
 
 
 DEMO_HELP = {
+    "suite": "chars: one-character answers, an outcome RM; steps: chains of additions, a process RM",
     "seed": "seeds the data, every model and every sample",
     "n": "best-of-N measured on the held-out prompts",
     "prompts_per_task": "prompts made for each of the two tasks (training and held-out splits)",
@@ -249,6 +255,10 @@ DEMO_HELP = {
     "rm_shrink": "start the RM this fraction of the way from the SFT weights to a fresh init",
     "raft_epochs": "passes over each RAFT round's kept candidates",
     "raft_learning_rate": "RAFT peak learning rate",
+    "rollouts": "steps suite: completions continued from each step to label it (bon label-steps)",
+    "label_prompts": "steps suite: prompts whose two sampled answers are step-labelled for the PRM",
+    "prm_epochs": "steps suite: PRM passes over the labelled answers",
+    "prm_learning_rate": "steps suite: PRM peak learning rate",
 }
 
 
@@ -260,7 +270,7 @@ def demo_parser() -> argparse.ArgumentParser:
     required.add_argument("--output", type=Path, required=True, help="directory for the models and demo.json")
     for name, field in DemoConfig.__dataclass_fields__.items():
         if name != "output":
-            choices = ["llama", "gpt2", "qwen2"] if name == "arch" else None
+            choices = {"arch": ["llama", "gpt2", "qwen2"], "suite": ["chars", "steps"]}.get(name)
             parser.add_argument(
                 "--" + name.replace("_", "-"),
                 type=type(field.default),

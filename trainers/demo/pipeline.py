@@ -113,7 +113,9 @@ def evaluate(policy_dir: Path, rm_dir: Path, items: list[Item], cfg: DemoConfig)
 class Server:
     """`bon serve` as a subprocess, as a user runs it."""
 
-    def __init__(self, policy: Path, rm: Path, workdir: Path, port: int, best_of: int):
+    def __init__(
+        self, policy: Path, rm: Path, workdir: Path, port: int, best_of: int, extra: tuple[str, ...] = ()
+    ):
         self.url = f"http://127.0.0.1:{port}"
         self.log = (workdir / "server.log").open("w")
         self.process = subprocess.Popen(
@@ -136,6 +138,7 @@ class Server:
                 str(best_of),
                 "--served-model-name",
                 "demo",
+                *extra,
             ],
             stdout=self.log,
             stderr=subprocess.STDOUT,
@@ -152,28 +155,29 @@ class Server:
             time.sleep(0.3)
         raise RuntimeError("bon serve did not become ready")
 
-    def send(self, items: list[Item], best_of: int, max_tokens: int, seed: int) -> None:
-        """The training split through the real API, 16 clients at a time; the server logs everything."""
+    def send(self, prompts: list[str], max_tokens: int, seed: int, extra: dict) -> list:
+        """Prompts through the real API, 16 clients at a time (the server logs everything); the
+        responses, in order. `extra` holds bon's fields (best_of, search)."""
         from openai import AsyncOpenAI
 
         async def run():
             async with AsyncOpenAI(base_url=f"{self.url}/v1", api_key="unused", max_retries=2) as client:
-                await asyncio.gather(*(one(client, i, item) for i, item in enumerate(items)))
+                return await asyncio.gather(*(one(client, i, prompt) for i, prompt in enumerate(prompts)))
 
         limit = asyncio.Semaphore(16)
 
-        async def one(client, index: int, item: Item):
+        async def one(client, index: int, prompt: str):
             async with limit:
-                await client.completions.create(
+                return await client.completions.create(
                     model="demo",
-                    prompt=item.prompt,
+                    prompt=prompt,
                     max_tokens=max_tokens,
                     temperature=1.0,
                     seed=prompt_seed(seed, index),
-                    extra_body={"best_of": best_of},
+                    extra_body=extra,
                 )
 
-        asyncio.run(run())
+        return asyncio.run(run())
 
     def reload(self, policy: Path) -> dict:
         response = httpx.post(
@@ -199,14 +203,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def sft_policy(cfg: DemoConfig, out: Path, rng: random.Random, say) -> tuple[list[Item], list[Item]]:
-    """The suite's splits, and the SFT policy trained on the training split at out/sft (from a
-    tokenizer and a random model trained and built here). held_out.jsonl lists the held-out prompts."""
-    train, held_out = suite(cfg.seed, cfg.prompts_per_task)
-    # The held-out prompts as a file `bon eval --prompts` reads (README, Batch jobs and evaluation).
-    (out / "held_out.jsonl").write_text("".join(json.dumps({"prompt": i.prompt}) + "\n" for i in held_out))
-    say(f"tokenizer and a random {cfg.arch} ({len(train)} training prompts, {len(held_out)} held out)")
-    corpus = [f"{i.prompt} {i.answer}" for i in train]
+def train_sft(
+    cfg: DemoConfig,
+    out: Path,
+    demonstrations: list[SFTExample],
+    corpus: list[str],
+    held_out: list[dict],
+    say,
+    context: int = 64,
+) -> None:
+    """The SFT policy at out/sft, trained on `demonstrations` from a tokenizer (trained on
+    `corpus`) and a random model made here; held_out.jsonl lists the held-out rows (`bon eval
+    --prompts` reads it, README, Batch jobs and evaluation)."""
+    (out / "held_out.jsonl").write_text("".join(json.dumps(row) + "\n" for row in held_out))
+    say(f"tokenizer and a random {cfg.arch} ({len(demonstrations)} demonstrations, {len(held_out)} held out)")
     tokenizer = train_tokenizer(
         160,
         {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "pad_token": "<|pad|>"},
@@ -214,19 +224,26 @@ def sft_policy(cfg: DemoConfig, out: Path, rng: random.Random, say) -> tuple[lis
         individual_digits=True,
     )
     base = build_model(
-        out / "base", cfg.arch, tokenizer, hidden=cfg.hidden, layers=cfg.layers, ctx=64, seed=cfg.seed
+        out / "base", cfg.arch, tokenizer, hidden=cfg.hidden, layers=cfg.layers, ctx=context, seed=cfg.seed
     )
     say("SFT")
     sft_args = TrainArgs(
         epochs=cfg.sft_epochs,
         learning_rate=cfg.sft_learning_rate,
         batch_size=64,
-        max_length=32,
+        max_length=context // 2,
         seed=cfg.seed,
         warmup_ratio=0.05,
     )
-    demonstrations = [SFTExample(i.prompt, " " + demonstration(i, cfg.mistake_rate, rng)) for i in train]
     finetune(base, demonstrations, sft_args, out / "sft", "sft")
+
+
+def sft_policy(cfg: DemoConfig, out: Path, rng: random.Random, say) -> tuple[list[Item], list[Item]]:
+    """The character suite's splits, and its SFT policy at out/sft."""
+    train, held_out = suite(cfg.seed, cfg.prompts_per_task)
+    demonstrations = [SFTExample(i.prompt, " " + demonstration(i, cfg.mistake_rate, rng)) for i in train]
+    corpus = [f"{i.prompt} {i.answer}" for i in train]
+    train_sft(cfg, out, demonstrations, corpus, [{"prompt": i.prompt} for i in held_out], say)
     return train, held_out
 
 
@@ -272,7 +289,12 @@ def run(cfg: DemoConfig) -> dict:
             say(
                 f"round {round_number}: {len(items)} prompts through the server (best_of {cfg.serve_best_of})"
             )
-            server.send(items, cfg.serve_best_of, cfg.max_new_tokens, seed=round_number * 100_000)
+            server.send(
+                [i.prompt for i in items],
+                cfg.max_new_tokens,
+                seed=round_number * 100_000,
+                extra={"best_of": cfg.serve_best_of},
+            )
             time.sleep(1.5)  # the log commits at least every second
             raft_args = TrainArgs(
                 epochs=cfg.raft_epochs,
@@ -334,4 +356,9 @@ def print_table(report: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    return run(DemoConfig(**vars(demo_parser().parse_args(argv))))
+    cfg = DemoConfig(**vars(demo_parser().parse_args(argv)))
+    if cfg.suite == "steps":
+        from trainers.demo import steps
+
+        return steps.run(cfg)
+    return run(cfg)
