@@ -31,7 +31,7 @@ from server.rules import extract_answer
 from server.selection import rank_by_reward, vote_groups
 from trainers import label_steps
 from trainers.arguments import DemoConfig, TrainArgs
-from trainers.data import PreferenceGroup, SFTExample, load_steps
+from trainers.data import PreferenceGroup, RecipeError, SFTExample, load_steps
 from trainers.demo import chains
 from trainers.demo.chains import DELIMITER, Chain, demonstration, is_correct, step_labels
 from trainers.demo.pipeline import Server, free_port, rewards, train_sft
@@ -89,18 +89,18 @@ def step_accuracy(items: list[Chain], texts: list[list[str]], scores: list[list[
     return {"step_accuracy": right / total, "steps": total, "good_share": good / total}
 
 
-def best_of_n(sft: Path, orm: Path, prm: Path, items: list[Chain], n: int) -> dict:
+def best_of_n(sft: Path, orm: Path | None, prm: Path, items: list[Chain], n: int) -> dict:
     """Best-of-n on held-out prompts chosen by the checker, the outcome RM, and the PRM."""
     drawn = draw(sft, items, n, seed=10_000)
     texts = [[t for t, _ in answers] for answers in drawn]
     correct = [[is_correct(i, t) for t in answers] for i, answers in zip(items, texts, strict=True)]
-    outcome = rewards(orm, items, texts)  # type: ignore[arg-type]  # reads only .prompt
     steps = prm_steps(prm, items, texts)
     by_rule = {
         "prm_min": [[min(s) for s in answers] for answers in steps],
         "prm_last": [[s[-1] for s in answers] for answers in steps],
-        "orm": outcome,
     }
+    if orm is not None:
+        by_rule["orm"] = rewards(orm, items, texts)  # type: ignore[arg-type]  # reads only .prompt
 
     def picked(choose) -> float:
         return statistics.fmean(c[choose(i)] for i, c in enumerate(correct))
@@ -140,7 +140,7 @@ def kl_to_sft(out: Path, policy: Path, round_number: int) -> float:
     directory = out / f"eval-{round_number}"
     evaluation.main(
         ["--output", str(directory), "--policy", str(policy), "--reference", str(out / "sft"),
-         "--reward-model", str(out / "reward_model"), "--prompts", str(out / "held_out.jsonl"),
+         "--reward-model", str(out / "prm"), "--prompts", str(out / "held_out.jsonl"),
          "-k", "4", "--max-tokens", str(MAX_TOKENS)]
     )  # fmt: skip
     report = json.loads((directory / "eval.json").read_text())
@@ -204,12 +204,17 @@ def run(cfg: DemoConfig) -> dict:
         epochs=cfg.rm_epochs, learning_rate=cfg.rm_learning_rate, batch_size=8, max_length=CONTEXT,
         seed=cfg.seed, warmup_ratio=0.05,
     )  # fmt: skip
-    history = train_reward_model(
-        out / "sft", groups, rm_args, out / "reward_model", eval_groups=held_groups, shrink=cfg.rm_shrink
-    )
+    try:
+        history = train_reward_model(
+            out / "sft", groups, rm_args, out / "reward_model", eval_groups=held_groups, shrink=cfg.rm_shrink
+        )
+        orm: Path | None = out / "reward_model"
+    except RecipeError as error:  # a policy that is never (or always) right gives no pair to learn
+        say(f"no outcome reward model: {error}")
+        history, orm = [{}], None
 
     say(f"best-of-{cfg.n} on {len(held_out)} held-out prompts")
-    first = best_of_n(out / "sft", out / "reward_model", out / "prm", held_out, cfg.n)
+    first = best_of_n(out / "sft", orm, out / "prm", held_out, cfg.n)
     server = Server(out / "sft", out / "prm", out, free_port(), max(cfg.n, cfg.serve_best_of))
     rounds = []
     try:
@@ -249,7 +254,7 @@ def run(cfg: DemoConfig) -> dict:
         "held_out_prompts": len(held_out),
         "sft": first,
         "beam_search": beams,
-        "orm_accuracy": history[-1].get("eval_accuracy"),
+        "orm_accuracy": history[-1].get("eval_accuracy"),  # None: no outcome RM could be trained
         "label_steps": labels,
         "policy_samples_each_reward_model": {"prm": budget, "orm": len(orm_items) * cfg.rm_samples},
         "raft_rounds": rounds,
@@ -273,10 +278,15 @@ def share(gain: float, over: float) -> str:
 def print_table(report: dict) -> None:
     sft, n = report["sft"], report["n"]
     base, oracle = sft["pass_at_1"], sft["oracle"]
+    orm = (
+        [(f"best-of-{n}, outcome RM", sft["orm"], share(sft["orm"] - base, oracle - base))]
+        if "orm" in sft
+        else []
+    )
     rows = [
         ("policy pass@1 (SFT)", sft["pass_at_1"], ""),
         (f"best-of-{n}, oracle (checker)", oracle, ""),
-        (f"best-of-{n}, outcome RM", sft["orm"], share(sft["orm"] - base, oracle - base)),
+        *orm,
         (f"best-of-{n}, PRM min", sft["prm_min"], share(sft["prm_min"] - base, oracle - base)),
         (f"best-of-{n}, PRM last", sft["prm_last"], share(sft["prm_last"] - base, oracle - base)),
         (

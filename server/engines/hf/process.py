@@ -23,7 +23,7 @@ from transformers import (
 from server.checkpoints import loading, torch_dtype
 from server.engines.hf.models import FROM_PRETRAINED, hidden_rows, score_head
 from server.failures import CheckpointError
-from server.process_reward import StepLayout, step_probability
+from server.process_reward import DEFAULT_AGGREGATE, StepLayout, aggregate, step_probability
 from server.reward import Reward, RewardModelInfo
 
 
@@ -118,6 +118,10 @@ class HFProcessRewardModel:
             logits = self.read_out.head(row[at]).float().tolist()  # (steps, labels)
             scores.append([step_probability(step) for step in logits])
         return scores
+
+    def score(self, inputs: list[list[int]]) -> list[float]:
+        """One reward per input, the default aggregate of its steps (what the trainers rank by)."""
+        return [aggregate(steps, DEFAULT_AGGREGATE) for steps in self.score_steps(inputs)]
 
     def rewards(self, inputs: list[list[int]]) -> list[Reward]:
         """The engine's reading: each input's step scores; its value is the last step's until the
