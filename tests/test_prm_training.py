@@ -176,3 +176,43 @@ def test_a_prm_reading_does_not_depend_on_the_batch_it_shares(models):
         alone = model.score_steps([short])[0]
         together = model.score_steps([short, long])[0]
     assert together == pytest.approx(alone, rel=1e-5)
+
+
+@pytest.mark.parametrize("suffix", ["jsonl", "parquet"])
+def test_bon_score_writes_step_rewards_of_a_prm(models, tmp_path, suffix):
+    """A PRM beside an outcome model: each row's step scores (an independent forward) and its
+    reward, the chosen aggregate, as the PRM's member value. (Chat prompts take /v1/score's input
+    rule, which test_process_reward.py checks.)"""
+    from bon.tiny_models import build_prm, tokenizer_b
+
+    prm = build_prm(tmp_path / "prm", "token", tokenizer_b(), seed=4)
+    source = tmp_path / "rows.jsonl"
+    write_jsonl(
+        source,
+        [{"prompt": "add 2 and 3:", "response": "2 + 3 = 5\n\nso 5"},
+         {"prompt": "say hi:", "responses": ["a\n\nb\n\nc", "one"]}],
+    )  # fmt: skip
+    out = tmp_path / f"scored.{suffix}"
+    ok(bon("score", str(source), "-o", str(out), "--reward-model", f"prm={prm}", "--reward-model",
+           f"orm={models['llama_rm']}", "--step-aggregate", "last"))  # fmt: skip
+    if suffix == "parquet":
+        import pyarrow.parquet as pq
+
+        rows = pq.read_table(out).to_pylist()
+    else:
+        rows = rows_of(out)
+    tok = AutoTokenizer.from_pretrained(prm)
+    step_id = tok.convert_tokens_to_ids("<step>")
+
+    def expected(prompt, response):
+        marked = "".join(s + "<step>" for s in response.split("\n\n"))
+        return step_scores(prm, "token", tok(prompt + marked).input_ids, step_id, None)
+
+    want = expected(rows[0]["prompt"], rows[0]["response"])
+    assert rows[0]["step_rewards"] == pytest.approx(want, rel=1e-4)
+    assert rows[0]["reward_members"]["prm"] == pytest.approx(want[-1], rel=1e-4)
+    for response, steps, members in zip(
+        rows[1]["responses"], rows[1]["step_rewards"], rows[1]["rewards_members"], strict=True
+    ):
+        want = expected(rows[1]["prompt"], response)
+        assert steps == pytest.approx(want, rel=1e-4) and members["prm"] == pytest.approx(want[-1], rel=1e-4)

@@ -211,6 +211,8 @@ def train_sft(
     held_out: list[dict],
     say,
     context: int = 64,
+    max_length: int = 32,
+    vocabulary: int = 160,
 ) -> None:
     """The SFT policy at out/sft, trained on `demonstrations` from a tokenizer (trained on
     `corpus`) and a random model made here; held_out.jsonl lists the held-out rows (`bon eval
@@ -218,7 +220,7 @@ def train_sft(
     (out / "held_out.jsonl").write_text("".join(json.dumps(row) + "\n" for row in held_out))
     say(f"tokenizer and a random {cfg.arch} ({len(demonstrations)} demonstrations, {len(held_out)} held out)")
     tokenizer = train_tokenizer(
-        160,
+        vocabulary,
         {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "pad_token": "<|pad|>"},
         corpus=corpus,
         individual_digits=True,
@@ -231,7 +233,7 @@ def train_sft(
         epochs=cfg.sft_epochs,
         learning_rate=cfg.sft_learning_rate,
         batch_size=64,
-        max_length=context // 2,
+        max_length=max_length,
         seed=cfg.seed,
         warmup_ratio=0.05,
     )

@@ -40,8 +40,8 @@ from trainers.prm import reward_file, train_prm
 from trainers.raft import Selection, raft_from_log, sample_candidates
 from trainers.reward import train_reward_model
 
-CONTEXT = 128  # a prompt of up to ~30 tokens and an answer of up to 48
-MAX_TOKENS = 48  # four steps of "ab + c = de" and their delimiters
+CONTEXT = 128  # a prompt of up to 21 tokens and an answer of up to 48
+MAX_TOKENS = 48  # four steps of "ab + c = de" and their delimiters are 40 tokens
 BEAM_STEPS = 4  # chains have three or four steps: the fourth round runs to the end
 
 
@@ -161,7 +161,10 @@ def run(cfg: DemoConfig) -> dict:
     demonstrations = [SFTExample(c.prompt, demonstration(c, cfg.mistake_rate, rng)) for c in train]
     corpus = [c.prompt + demonstration(c, 0.0, random.Random(0)) for c in train]
     rows = [{"prompt": c.prompt, "reference": c.reference} for c in held_out]
-    train_sft(cfg, out, demonstrations, corpus, rows, say, context=CONTEXT)
+    # A vocabulary with merges ("Ġadd", "Ġ+", "ĊĊ"; digits stay single): the longest answer is 40 tokens.
+    train_sft(
+        cfg, out, demonstrations, corpus, rows, say, context=CONTEXT, max_length=CONTEXT, vocabulary=300
+    )
 
     say(f"step labels: {cfg.rollouts} rollouts from each step of 2 answers to {cfg.label_prompts} prompts")
     labelled = rng.sample(train, cfg.label_prompts)
