@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from server.process_reward import split_steps
+
 Prompt = str | list[dict[str, str]]
 
 
@@ -155,8 +157,9 @@ class StepExample:
 
 
 def step_example(record: dict, where: str, delimiter: str) -> StepExample:
-    """One {"prompt", "steps", "labels"} record. A step may not hold the step delimiter nor be
-    blank: the answer the server scores is the steps joined by it, and it splits them back there."""
+    """One {"prompt", "steps", "labels"} record. The answer the server scores is the steps joined
+    by the delimiter, and it splits them back there: so no step may hold the delimiter or be blank
+    (but a blank answer is one blank step, as the server reads it)."""
     prompt = read_prompt(record, where)
     steps, labels = record.get("steps"), record.get("labels")
     if not isinstance(steps, list) or not steps or not all(isinstance(s, str) for s in steps):
@@ -166,12 +169,12 @@ def step_example(record: dict, where: str, delimiter: str) -> StepExample:
     for i, label in enumerate(labels):
         if isinstance(label, bool) or not isinstance(label, int | float) or not 0 <= label <= 1:
             raise DataError(f"{where}: labels[{i}] is {label!r}; a label is 0, 1 or a probability in [0, 1]")
-    for i, step in enumerate(steps):
-        if not step.strip() or delimiter in step:
-            raise DataError(
-                f"{where}: steps[{i}] is blank or holds the step delimiter {delimiter!r}; the server "
-                "could not split the answer back into these steps"
-            )
+    if split_steps(delimiter.join(steps), delimiter) != steps:
+        i = next(i for i, s in enumerate(steps) if not s.strip() or delimiter in s)
+        raise DataError(
+            f"{where}: steps[{i}] is blank or holds the step delimiter {delimiter!r}; the server "
+            "could not split the answer back into these steps"
+        )
     return StepExample(prompt, steps, [float(label) for label in labels])
 
 
