@@ -166,7 +166,7 @@ def run(cfg: DemoConfig) -> dict:
         cfg, out, demonstrations, corpus, rows, say, context=CONTEXT, max_length=CONTEXT, vocabulary=300
     )
 
-    say(f"step labels: {cfg.rollouts} rollouts from each step of 2 answers to {cfg.label_prompts} prompts")
+    say(f"step labels: {cfg.rollouts} rollouts off each step of 2 answers to {cfg.label_prompts} prompts")
     labelled = rng.sample(train, cfg.label_prompts)
     (out / "label_prompts.jsonl").write_text(
         "".join(json.dumps({"prompt": c.prompt, "reference": c.reference}) + "\n" for c in labelled)
@@ -175,8 +175,11 @@ def run(cfg: DemoConfig) -> dict:
         ["--policy", str(out / "sft"), "--prompts", str(out / "label_prompts.jsonl"),
          "--checker", "server.rules:exact_match", "--rollouts", str(cfg.rollouts), "--answers", "2",
          "--max-tokens", str(MAX_TOKENS), "--seed", str(cfg.seed), "--batch-size", "256",
-         "-o", str(out / "steps.jsonl")]
+         "--labels", "hard", "-o", str(out / "steps.jsonl")]
     )  # fmt: skip
+    # Hard labels: soft ones (the share of rollouts that end right) sit near the policy's own
+    # success rate on a right prefix, and the PRM trained on them stayed at the majority class
+    # (held-out step accuracy 0.538, DEVELOPERS.md).
     prm_args = TrainArgs(
         epochs=cfg.prm_epochs, learning_rate=cfg.prm_learning_rate, batch_size=32,
         max_length=CONTEXT, seed=cfg.seed, warmup_ratio=0.05,
