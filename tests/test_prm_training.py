@@ -9,6 +9,7 @@ import math
 import subprocess
 import sys
 
+import pyarrow.parquet as pq
 import pytest
 import torch
 from conftest import same_on_every_engine
@@ -178,8 +179,7 @@ def test_a_prm_reading_does_not_depend_on_the_batch_it_shares(models):
     assert together == pytest.approx(alone, rel=1e-5)
 
 
-@pytest.mark.parametrize("suffix", ["jsonl", "parquet"])
-def test_bon_score_writes_step_rewards_of_a_prm(models, tmp_path, suffix):
+def test_bon_score_writes_step_rewards_of_a_prm(models, tmp_path):
     """A PRM beside an outcome model: each row's step scores (an independent forward) and its
     reward, the chosen aggregate, as the PRM's member value. (Chat prompts take /v1/score's input
     rule, which test_process_reward.py checks.)"""
@@ -192,15 +192,10 @@ def test_bon_score_writes_step_rewards_of_a_prm(models, tmp_path, suffix):
         [{"prompt": "add 2 and 3:", "response": "2 + 3 = 5\n\nso 5"},
          {"prompt": "say hi:", "responses": ["a\n\nb\n\nc", "one"]}],
     )  # fmt: skip
-    out = tmp_path / f"scored.{suffix}"
+    out = tmp_path / "scored.parquet"  # the typed columns; JSONL writes the same records
     ok(bon("score", str(source), "-o", str(out), "--reward-model", f"prm={prm}", "--reward-model",
            f"orm={models['llama_rm']}", "--step-aggregate", "last"))  # fmt: skip
-    if suffix == "parquet":
-        import pyarrow.parquet as pq
-
-        rows = pq.read_table(out).to_pylist()
-    else:
-        rows = rows_of(out)
+    rows = pq.read_table(out).to_pylist()
     tok = AutoTokenizer.from_pretrained(prm)
     step_id = tok.convert_tokens_to_ids("<step>")
 
