@@ -69,7 +69,8 @@ def score_parser() -> argparse.ArgumentParser:
         "--step-aggregate",
         choices=["last", "min", "prod", "mean"],
         default="min",
-        help="how a process reward model's step scores make one reward; each row also gets its step_rewards",
+        help="how a process reward model's step scores make one reward; each row also gets its "
+        "step_rewards (rewards_steps)",
     )
     parser.add_argument(
         "--policy",

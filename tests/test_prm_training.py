@@ -207,7 +207,7 @@ def test_bon_score_writes_step_rewards_of_a_prm(models, tmp_path):
     assert rows[0]["step_rewards"] == pytest.approx(want, rel=1e-4)
     assert rows[0]["reward_members"]["prm"] == pytest.approx(want[-1], rel=1e-4)
     for response, steps, members in zip(
-        rows[1]["responses"], rows[1]["step_rewards"], rows[1]["rewards_members"], strict=True
+        rows[1]["responses"], rows[1]["rewards_steps"], rows[1]["rewards_members"], strict=True
     ):
         want = expected(rows[1]["prompt"], response)
         assert steps == pytest.approx(want, rel=1e-4) and members["prm"] == pytest.approx(want[-1], rel=1e-4)

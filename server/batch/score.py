@@ -8,8 +8,8 @@ fields and "reward" (or "rewards", one per response) added: the raw logit, from 
 reward-model input rule as the server. With several reward models, "reward" is their combination
 (bon serve's rule: --reward-combine, --reward-weights) and "reward_members" (or "rewards_members")
 holds each one's raw reward by name. A process reward model's reward is its --step-aggregate of
-the step scores, which go in "step_rewards" (a list per response). A row a reward model cannot take
-whole (longer than its context) is a bad row: it is never truncated.
+the step scores, which go in "step_rewards" (or "rewards_steps", one list per response). A row a
+reward model cannot take whole (longer than its context) is a bad row: it is never truncated.
 
 The input is read in windows; each window is sorted by length and scored in batches of at most
 --batch-tokens tokens, so padding stays small and memory stays bounded however long the file is.
@@ -204,7 +204,9 @@ class ScoreJob:
                 if several:
                     record["rewards_members"][response_index] = reward.members
                 if process:
-                    record.setdefault("step_rewards", [[] for _ in record["rewards"]])[response_index] = steps
+                    record.setdefault("rewards_steps", [[] for _ in record["rewards"]])[response_index] = (
+                        steps
+                    )
 
 
 def added_columns(names: list[str], process: bool) -> dict[str, list[tuple[str, pa.DataType]]]:
@@ -218,7 +220,7 @@ def added_columns(names: list[str], process: bool) -> dict[str, list[tuple[str, 
         several.append(("rewards_members", pa.list_(member)))
     if process:
         single.append(("step_rewards", pa.list_(pa.float64())))
-        several.append(("step_rewards", pa.list_(pa.list_(pa.float64()))))
+        several.append(("rewards_steps", pa.list_(pa.list_(pa.float64()))))
     return {"response": single, "responses": several}
 
 
