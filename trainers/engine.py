@@ -9,12 +9,15 @@ code does not change.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
+import random
 import shutil
 import uuid
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from accelerate import Accelerator
@@ -25,6 +28,23 @@ from transformers import PreTrainedModel
 from server.threads import apply_torch_threads
 from trainers.arguments import TrainArgs
 from trainers.data import RecipeError
+
+log = logging.getLogger(__name__)
+Item = TypeVar("Item")
+
+
+def hold_out(items: list[Item], fraction: float, seed: int, what: str) -> tuple[list[Item], list[Item]]:
+    """(held out, training): `items` shuffled by `seed`, their first `fraction` held out for
+    evaluation. A fraction of a few items rounds to none: one is held out if one can be spared."""
+    items = list(items)
+    random.Random(seed).shuffle(items)
+    held = int(len(items) * fraction)
+    if fraction > 0 and held == 0:
+        held = 1 if len(items) >= 2 else 0
+    log.info("holding out %d of %d %s for evaluation", held, len(items), what)
+    if fraction > 0 and not held:
+        log.warning("%d %s: too few to hold any out, so there is no held-out accuracy", len(items), what)
+    return items[:held], items[held:]
 
 
 def summary(recipe: str, output: Path, data: dict, result: dict) -> dict:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import random
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +35,7 @@ from trainers.data import RecipeError, StepExample, load_steps
 from trainers.engine import (
     check_new_output,
     fit,
+    hold_out,
     make_accelerator,
     mergeable,
     publish,
@@ -151,10 +151,7 @@ def train_prm(
             "%d answer(s) lost every step to --max-length %d and teach nothing", dropped, args.max_length
         )
     encoded = [a for a in encoded if a.positions]
-    random.Random(args.seed).shuffle(encoded)
-    held = int(len(encoded) * eval_fraction) or (1 if eval_fraction > 0 and len(encoded) >= 2 else 0)
-    held_out, encoded = encoded[:held], encoded[held:]
-    log.info("holding out %d of %d answers for evaluation", held, held + len(encoded))
+    held_out, encoded = hold_out(encoded, eval_fraction, args.seed, "answers")
     if not encoded:
         raise RecipeError("no answer to train on (every one was held out or cut to nothing)")
 

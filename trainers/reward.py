@@ -12,7 +12,6 @@ directory (num_labels=1, pad token set) that `bon serve` and vLLM load unchanged
 from __future__ import annotations
 
 import logging
-import random
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +34,7 @@ from trainers.data import PreferenceGroup, RecipeError, load_feedback, load_pref
 from trainers.engine import (
     check_new_output,
     fit,
+    hold_out,
     make_accelerator,
     mergeable,
     publish,
@@ -194,18 +194,7 @@ def train_reward_model(
 
     encoded = [g for g in map(encode, groups) if g.pairs]  # all-tie groups teach nothing
     if eval_groups is None:
-        random.Random(args.seed).shuffle(encoded)
-        held = int(len(encoded) * eval_fraction)
-        if eval_fraction > 0 and held == 0:
-            # A fraction of a few groups rounds to none: hold out one if one can be spared.
-            held = 1 if len(encoded) >= 2 else 0
-        held_out, encoded = encoded[:held], encoded[held:]
-        log.info("holding out %d of %d groups for evaluation", held, held + len(encoded))
-        if eval_fraction > 0 and not held_out:
-            log.warning(
-                "%d preference group(s): too few to hold any out, so there is no held-out accuracy",
-                len(encoded),
-            )
+        held_out, encoded = hold_out(encoded, eval_fraction, args.seed, "groups")
     else:
         held_out = [encode(g) for g in eval_groups]
     if not encoded:
