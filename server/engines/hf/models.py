@@ -164,9 +164,6 @@ def load_policy(path: str | Path, device: str, dtype: str) -> HFPolicy:
 def load_reward_model(path: str | Path, device: str, dtype: str):
     """Read, check and load a reward model in one step (what the trainers use): a process reward
     model's `score` is its steps' default aggregate (server/process_reward.py)."""
-    info = read_reward_model(path)
-    if info.steps is not None:
-        from server.engines.hf.process import load_process_weights  # it builds on this module
+    from server.engines.hf.process import load_any_reward_weights  # it builds on this module
 
-        return load_process_weights(info, device, dtype)
-    return load_reward_weights(info, device, dtype)
+    return load_any_reward_weights(read_reward_model(path), device, dtype)

@@ -21,7 +21,13 @@ from transformers import (
 )
 
 from server.checkpoints import loading, torch_dtype
-from server.engines.hf.models import FROM_PRETRAINED, hidden_rows, score_head
+from server.engines.hf.models import (
+    FROM_PRETRAINED,
+    HFRewardModel,
+    hidden_rows,
+    load_reward_weights,
+    score_head,
+)
 from server.failures import CheckpointError
 from server.process_reward import DEFAULT_AGGREGATE, StepLayout, aggregate, step_probability
 from server.reward import Reward, RewardModelInfo
@@ -143,3 +149,12 @@ def load_process_weights(info: RewardModelInfo, device: str, dtype: str) -> HFPr
             model = AutoModelForTokenClassification.from_pretrained(info.path, dtype=weights_dtype)
     # transformers types `.to` through a decorator that hides its signature.
     return HFProcessRewardModel(info, model.to(device).eval())  # type: ignore[arg-type]
+
+
+def load_any_reward_weights(
+    info: RewardModelInfo, device: str, dtype: str
+) -> HFRewardModel | HFProcessRewardModel:
+    """A reward model's weights, whichever kind its directory holds (outcome or process)."""
+    if info.steps is not None:
+        return load_process_weights(info, device, dtype)
+    return load_reward_weights(info, device, dtype)

@@ -8,8 +8,8 @@ from dataclasses import dataclass
 from itertools import accumulate, pairwise
 from typing import cast
 
-from server.engines.hf.models import HFRewardModel, load_reward_weights
-from server.engines.hf.process import HFProcessRewardModel, load_process_weights
+from server.engines.hf.models import HFRewardModel
+from server.engines.hf.process import HFProcessRewardModel, load_any_reward_weights
 from server.engines.scheduler import Scheduler
 from server.failures import CheckpointError, NonFiniteReward
 from server.reward import Reward, RewardModelInfo, check_finite, probe_input
@@ -85,11 +85,7 @@ class TransformersScorer:
         )
 
     def _load(self, info: RewardModelInfo) -> HFRewardModel | HFProcessRewardModel:
-        reward_model: HFRewardModel | HFProcessRewardModel
-        if info.steps is not None:
-            reward_model = load_process_weights(info, self.device, self.dtype)
-        else:
-            reward_model = load_reward_weights(info, self.device, self.dtype)
+        reward_model = load_any_reward_weights(info, self.device, self.dtype)
         try:
             check_finite(reward_model.rewards([probe_input(info)]), info.path)
         except NonFiniteReward as error:
