@@ -20,6 +20,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
@@ -58,10 +59,11 @@ def sample(policy_dir: Path, items: list[Item], k: int, cfg: DemoConfig, seed: i
     return [[c.text for c in cands] for _, cands in pairs]
 
 
-def ranked_groups(items: list[Item], samples: list[list[str]]) -> list[PreferenceGroup]:
-    """Rankings by the gold scorer: higher score, better rank; equal scores are ties."""
+def ranked_groups(items: list, samples: list[list[str]], grade=gold_score) -> list[PreferenceGroup]:
+    """Rankings by `grade(item, text)` (the suite's gold scorer): higher, better rank; equal
+    grades are ties."""
     return [
-        PreferenceGroup(i.prompt, texts, [-gold_score(i, t) for t in texts])
+        PreferenceGroup(i.prompt, texts, [-grade(i, t) for t in texts])
         for i, texts in zip(items, samples, strict=True)
     ]
 
@@ -249,15 +251,25 @@ def sft_policy(cfg: DemoConfig, out: Path, rng: random.Random, say) -> tuple[lis
     return train, held_out
 
 
-def run(cfg: DemoConfig) -> dict:
+def begin(cfg: DemoConfig) -> tuple[float, random.Random, Callable[[str], None]]:
+    """A demo run's start: its empty output directory made, seeds set; its start time, its
+    random source, and what prints a progress line stamped with the seconds since."""
     start = time.time()
     out = cfg.output
     if out.exists() and any(out.iterdir()):
         raise SystemExit(f"--output {out} is not empty")
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
-    rng = random.Random(cfg.seed)
-    say = lambda message: print(f"[{time.time() - start:6.0f}s] {message}", flush=True)  # noqa: E731
+
+    def say(message: str) -> None:
+        print(f"[{time.time() - start:6.0f}s] {message}", flush=True)
+
+    return start, random.Random(cfg.seed), say
+
+
+def run(cfg: DemoConfig) -> dict:
+    out = cfg.output
+    start, rng, say = begin(cfg)
     train, held_out = sft_policy(cfg, out, rng, say)
 
     say(f"sampling {cfg.rm_samples} per prompt, ranking by the gold scorer")

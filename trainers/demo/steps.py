@@ -20,8 +20,6 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-import torch
-
 from server.engines.contract import SamplingParams
 from server.engines.hf.models import load_policy
 from server.engines.hf.process import load_process_weights
@@ -31,10 +29,10 @@ from server.rules import extract_answer
 from server.selection import rank_by_reward, vote_groups
 from trainers import label_steps
 from trainers.arguments import DemoConfig, TrainArgs
-from trainers.data import PreferenceGroup, RecipeError, SFTExample, load_steps
+from trainers.data import RecipeError, SFTExample, load_steps
 from trainers.demo import chains
 from trainers.demo.chains import DELIMITER, Chain, demonstration, is_correct, step_labels
-from trainers.demo.pipeline import Server, free_port, rewards, train_sft
+from trainers.demo.pipeline import Server, begin, free_port, ranked_groups, rewards, train_sft
 from trainers.evaluation import run as evaluation
 from trainers.prm import reward_file, train_prm
 from trainers.raft import Selection, raft_from_log, sample_candidates
@@ -54,6 +52,10 @@ def draw(policy_dir: Path, items: list[Chain], k: int, seed: int) -> list[list[t
     return [[(c.text, len(c.token_ids)) for c in cands] for _, cands in drawn]
 
 
+def texts_of(drawn: list[list[tuple[str, int]]]) -> list[list[str]]:
+    return [[text for text, _ in answers] for answers in drawn]
+
+
 def prm_steps(prm_dir: Path, items: list[Chain], texts: list[list[str]]) -> list[list[list[float]]]:
     """The PRM's step scores of every answer, as the server reads them."""
     info = read_reward_model(prm_dir)
@@ -63,6 +65,11 @@ def prm_steps(prm_dir: Path, items: list[Chain], texts: list[list[str]]) -> list
         prompt = make_prompt(info.tokenizer, item.prompt)
         out.append(model.score_steps([reward_input(info, prompt, t).token_ids for t in answers]))
     return out
+
+
+def checked(item: Chain, text: str) -> float:
+    """The outcome RM's ranking grade: 1 for an answer the checker accepts, else 0."""
+    return float(is_correct(item, text))
 
 
 def best(values: list[float]) -> int:
@@ -92,7 +99,7 @@ def step_accuracy(items: list[Chain], texts: list[list[str]], scores: list[list[
 def best_of_n(sft: Path, orm: Path | None, prm: Path, items: list[Chain], n: int) -> dict:
     """Best-of-n on held-out prompts chosen by the checker, the outcome RM, and the PRM."""
     drawn = draw(sft, items, n, seed=10_000)
-    texts = [[t for t, _ in answers] for answers in drawn]
+    texts = texts_of(drawn)
     correct = [[is_correct(i, t) for t in answers] for i, answers in zip(items, texts, strict=True)]
     steps = prm_steps(prm, items, texts)
     by_rule = {
@@ -148,14 +155,8 @@ def kl_to_sft(out: Path, policy: Path, round_number: int) -> float:
 
 
 def run(cfg: DemoConfig) -> dict:
-    start = time.time()
     out = cfg.output
-    if out.exists() and any(out.iterdir()):
-        raise SystemExit(f"--output {out} is not empty")
-    out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(cfg.seed)
-    rng = random.Random(cfg.seed)
-    say = lambda message: print(f"[{time.time() - start:6.0f}s] {message}", flush=True)  # noqa: E731
+    start, rng, say = begin(cfg)
 
     train, held_out = chains.suite(cfg.seed, cfg.prompts_per_task)
     demonstrations = [SFTExample(c.prompt, demonstration(c, cfg.mistake_rate, rng)) for c in train]
@@ -193,19 +194,8 @@ def run(cfg: DemoConfig) -> dict:
     budget = labels["answers"] + labels["rollouts"]  # policy samples the PRM's labels cost
     orm_items = rng.sample(train, min(len(train), math.ceil(budget / cfg.rm_samples)))
     say(f"outcome reward model on as many samples: {cfg.rm_samples} answers to {len(orm_items)} prompts")
-    groups = [
-        PreferenceGroup(c.prompt, texts, [-float(is_correct(c, t)) for t in texts])
-        for c, texts in zip(
-            orm_items,
-            [[t for t, _ in a] for a in draw(out / "sft", orm_items, cfg.rm_samples, 1)],
-            strict=True,
-        )
-    ]
-    held_texts = [[t for t, _ in a] for a in draw(out / "sft", held_out, cfg.rm_samples, 2)]
-    held_groups = [
-        PreferenceGroup(c.prompt, texts, [-float(is_correct(c, t)) for t in texts])
-        for c, texts in zip(held_out, held_texts, strict=True)
-    ]
+    groups = ranked_groups(orm_items, texts_of(draw(out / "sft", orm_items, cfg.rm_samples, 1)), checked)
+    held_groups = ranked_groups(held_out, texts_of(draw(out / "sft", held_out, cfg.rm_samples, 2)), checked)
     rm_args = TrainArgs(
         epochs=cfg.rm_epochs, learning_rate=cfg.rm_learning_rate, batch_size=8, max_length=CONTEXT,
         seed=cfg.seed, warmup_ratio=0.05,
