@@ -93,7 +93,7 @@ def _serve(args: argparse.Namespace) -> int:
     from server.api.connections import HEADER_BYTES, bounded_h11
     from server.engines.build import EngineUnavailable, build_sampler, build_scorer
     from server.failures import CheckpointError, SampleLogUnusable
-    from server.log.sample_log import connect
+    from server.log.sources import open_store
     from server.policy import read_policy
     from server.reward import read_reward_model
     from server.rules import RuleSpecError, load_rule
@@ -124,7 +124,7 @@ def _serve(args: argparse.Namespace) -> int:
         rules = [load_rule(name, spec) for name, spec in settings.reward_functions()]
         sampler, scorer = build_sampler(settings), build_scorer(settings)
         if not settings.no_sample_log:
-            connect(settings.sample_log).close()
+            open_store(settings.sample_log).close()
     except (CheckpointError, EngineUnavailable, SampleLogUnusable, RuleSpecError) as error:
         print(f"bon serve: {error}", file=sys.stderr)
         return 2

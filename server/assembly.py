@@ -70,7 +70,9 @@ async def start_service(
                 rm.path,
             )
     sample_log = (
-        None if settings.no_sample_log else SampleLog(settings.sample_log, settings.sample_log_flush_seconds)
+        None
+        if settings.no_sample_log
+        else SampleLog(settings.sample_log, settings.sample_log_flush_seconds, replica=settings.replica_id)
     )
     admission = Admission(
         Limits(

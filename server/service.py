@@ -15,7 +15,8 @@ from typing import Any
 from server import metrics
 from server.admission import Admission, draws
 from server.engines.contract import Candidate, RewardScorer, Sampler, SampleRequest, SamplingParams
-from server.log.sample_log import CompletionRecord, RequestRecord, SampleLog
+from server.log.records import CompletionRecord, RequestRecord
+from server.log.sample_log import SampleLog
 from server.process_reward import DEFAULT_AGGREGATE, DEFAULT_DELIMITER
 from server.prompts import Prompt, render_messages, reward_input
 from server.registry import Loaded, Pinned

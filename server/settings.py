@@ -5,12 +5,15 @@ Precedence: command line, then environment, then the defaults below.
 
 from __future__ import annotations
 
+import os
+import socket
 from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from server.log.sources import shown as shown_location
 from server.members import member_name, parse_weights
 
 
@@ -145,7 +148,17 @@ class Settings(BaseSettings):
     vllm_enforce_eager: bool = Field(
         False, description="vLLM without torch.compile or CUDA graphs: starts faster, steps slower."
     )
-    sample_log: Path = Field(Path("bon-samples.db"), description="SQLite file of every candidate.")
+    sample_log: str = Field(
+        "bon-samples.db",
+        description="Where every candidate is logged: a SQLite file, or a PostgreSQL URL "
+        "(postgresql://USER:PASSWORD@HOST/DB) that many replicas share.",
+    )
+    replica_id: str = Field(
+        default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}",
+        min_length=1,
+        max_length=128,
+        description="This server's name in the candidate log, when many write one (default: host-pid).",
+    )
     no_sample_log: bool = Field(False, description="Keep no candidate log.")
     sample_log_flush_seconds: float = Field(
         0.5, gt=0, le=1.0, description="Longest time a candidate waits to be committed."
@@ -222,4 +235,5 @@ class Settings(BaseSettings):
         shown = self.model_dump(mode="json")
         shown["api_key"] = ["***"] * len(self.api_key)
         shown["admin_key"] = ["***"] * len(self.admin_key)
+        shown["sample_log"] = shown_location(self.sample_log)
         return shown

@@ -17,6 +17,8 @@ import httpx
 import pytest
 from transformers import AutoConfig
 
+from postgres_cluster import PostgresCluster
+
 from bon.tiny_models import build_model, tokenizer_a, tokenizer_b
 
 # The engines every server of this run uses: `make test-vllm` sets BON_ENGINE=vllm and
@@ -90,7 +92,7 @@ def free_port() -> int:
 class Server:
     url: str
     process: subprocess.Popen
-    sample_log: Path
+    sample_log: str | Path  # a SQLite file or a PostgreSQL URL
     log_file: Path
     key: str | None = None  # an API key it accepts (/metrics needs one when it has keys)
 
@@ -121,10 +123,17 @@ def serve_command(pair: Pair, *extra: str) -> list[str]:
 
 
 def start_server(
-    pair: Pair, workdir: Path, *extra: str, env: dict | None = None, wait: bool = True
+    pair: Pair,
+    workdir: Path,
+    *extra: str,
+    env: dict | None = None,
+    wait: bool = True,
+    sample_log: str | Path | None = None,
 ) -> Server:
+    """`bon serve` on a free port, logging to `sample_log` (a PostgreSQL URL, or by default a
+    SQLite file in `workdir`)."""
     port = free_port()
-    sample_log = workdir / "samples.db"
+    sample_log = sample_log or workdir / "samples.db"
     log_file = workdir / "server.log"
     command = serve_command(pair, "--port", str(port), "--sample-log", str(sample_log), *extra)
     process = subprocess.Popen(
@@ -163,6 +172,14 @@ def stop_server(server: Server, sig: int = signal.SIGTERM) -> int:
 
 
 API_KEYS = ("key-one", "key-two")
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A PostgreSQL server of the tests' own (tests/postgres_cluster.py)."""
+    cluster = PostgresCluster()
+    yield cluster
+    cluster.close()
 
 
 @pytest.fixture(scope="session")

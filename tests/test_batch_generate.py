@@ -13,7 +13,7 @@ import time
 import pytest
 from reference import chat_reward, completion_reward
 
-from server.log.sample_log import read_records
+from server.log.sources import read_records
 
 BON = [sys.executable, "-m", "bon"]
 

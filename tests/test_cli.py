@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import API_KEYS, Pair, same_on_every_engine, serve_command
 
-from server.log.sample_log import read_records
+from server.log.sources import read_records
 
 
 def serve_fails(pair: Pair, *extra: str) -> str:
@@ -281,7 +281,8 @@ def test_recipes_report_their_data_and_end_with_one_summary_shape(models, tmp_pa
 
 
 def test_raft_warns_when_it_keeps_the_best_of_bad_candidates(models, tmp_path):
-    from server.log.sample_log import CompletionRecord, RequestRecord, SampleLog
+    from server.log.records import CompletionRecord, RequestRecord
+    from server.log.sample_log import SampleLog
 
     log = SampleLog(tmp_path / "log.db")
     for i, rewards in enumerate([[5.0, 4.0], [-3.0, -4.0], [6.0, 5.5]]):

@@ -12,7 +12,7 @@ from reference import completion_reward
 
 from bon.tiny_models import tokenizer_b
 from server.engines.contract import Candidate
-from server.log.sample_log import read_records
+from server.log.sources import read_records
 from server.rejection import EarlyRejection, joined
 
 BODY = {

@@ -21,7 +21,8 @@ from conftest import ENGINE, Pair, same_on_every_engine, start_server, stop_serv
 from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer
 
-from server.log.sample_log import CompletionRecord, RequestRecord, SampleLog
+from server.log.records import CompletionRecord, RequestRecord
+from server.log.sample_log import SampleLog
 
 
 def record(request_id: str, reward: float = 0.5, text: str = "text") -> RequestRecord:

@@ -16,7 +16,9 @@ from server.admission import Admission, Limits
 from server.api.errors import FAILURES, failure_response
 from server.assembly import Service
 from server.engines.contract import SamplingParams
-from server.log.sample_log import CompletionRecord, RequestRecord, SampleLog, read_records
+from server.log.records import CompletionRecord, RequestRecord
+from server.log.sample_log import SampleLog
+from server.log.sources import read_records
 from server.policy import PolicyInfo
 from server.prompts import text_prompt
 from server.registry import Checkpoints, Loaded
@@ -212,7 +214,7 @@ def test_each_request_stores_its_parameters_and_prompts_once(tokenizers, tmp_pat
 def test_a_log_that_cannot_keep_up_refuses_instead_of_acknowledging(tmp_path):
     import sqlite3
 
-    from server.log.sample_log import CompletionRecord, RequestRecord
+    from server.log.records import CompletionRecord, RequestRecord
 
     def record(i: int) -> RequestRecord:
         return RequestRecord(f"r{i}", {}, "p", "v", "rm", "v", float(i), [("x" * 5000, 1)], [
@@ -306,7 +308,7 @@ def test_a_refused_prompt_cancels_the_request_s_other_prompts(tokenizers):
 def test_a_log_without_the_pruned_column_gains_it_and_raft_reads_only_finished_candidates(tmp_path):
     import sqlite3
 
-    from server.log.sample_log import SCHEMA
+    from server.log.sqlite import SCHEMA
 
     path = tmp_path / "before_early_rejection.db"
     older = SCHEMA.replace(

@@ -10,7 +10,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from server.engines.hf.models import load_reward_model
-from server.log.sample_log import CompletionRecord, RequestRecord, SampleLog
+from server.log.records import CompletionRecord, RequestRecord
+from server.log.sample_log import SampleLog
 from trainers.data import (
     DataError,
     PreferenceGroup,

@@ -197,7 +197,7 @@ def test_bon_score_and_bon_generate_run_on_vllm(models, tmp_path):
     import subprocess
     import sys
 
-    from server.log.sample_log import read_records
+    from server.log.sources import read_records
 
     rm, policy = models["llama_rm"], models["llama_policy"]
     rows = [{"prompt": f"item {i}:", "responses": [" one", " two two" * i]} for i in range(20)]

@@ -135,7 +135,7 @@ def load_preferences(paths: list[Path]) -> list[PreferenceGroup]:
 
 def load_feedback(sample_log: Path) -> list[PreferenceGroup]:
     """Comparisons collected by `POST /v1/feedback`, as groups over the ranked candidates."""
-    from server.log.sample_log import read_feedback
+    from server.log.sources import read_feedback
 
     groups = []
     for row in read_feedback(sample_log):

@@ -38,7 +38,7 @@ from server.checkpoints import checkpoint_dir, model_version
 from server.engines.contract import Candidate, SampleRequest, SamplingParams
 from server.engines.hf.decoding import generate
 from server.engines.hf.models import HFPolicy, load_policy, load_reward_model
-from server.log.sample_log import read_records
+from server.log.sources import read_records
 from server.prompts import Prompt as ServedPrompt
 from server.prompts import make_prompt, reward_input
 from server.reward import read_reward_model

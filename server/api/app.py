@@ -131,7 +131,7 @@ def build_app(
             await service.close()
             if sample_log is not None:
                 sample_log.close()  # SIGTERM ends here: everything queued is committed first
-                log.info("candidate log flushed to %s", sample_log.path)
+                log.info("candidate log flushed to %s", sample_log.where)
 
     # No /docs or /redoc: their pages load scripts from a CDN and are blank offline; /openapi.json
     # is the description.

@@ -42,7 +42,7 @@ from server.api.responses import (
 from server.assembly import Service
 from server.engines.contract import SamplingParams
 from server.failures import NotReady
-from server.log.sample_log import FeedbackRecord
+from server.log.records import FeedbackRecord
 from server.registry import Pinned
 from server.selection import dense_ranks
 

@@ -29,7 +29,7 @@ from server.arguments import generate_parser
 from server.batch.tables import BadInput, Row, count_rows, read_rows, table_format, windows
 from server.engines.contract import SamplingParams
 from server.failures import Failure
-from server.log.sample_log import sqlite_file
+from server.log.sqlite import sqlite_file
 from server.policy import read_policy
 from server.reward import read_reward_model
 from server.seeds import prompt_seed

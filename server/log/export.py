@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from server.batch.tables import table_format
-from server.log.sample_log import read_records
+from server.log.sources import read_records
 
 
 def export_record(record: dict) -> dict:

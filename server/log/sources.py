@@ -1,0 +1,81 @@
+"""Where a candidate log is: a SQLite file, a directory of SQLite shards, or a PostgreSQL URL.
+
+Writers take one location (`open_store`); readers (RAFT, the RM trainer, export, eval) take any
+number (`--sample-log` repeated), each a file, a directory of `*.db` shards or a database, and
+read them as one log in one order.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from server.log import postgres, sqlite
+from server.log.records import Store, canonical_order
+
+
+def is_postgres(location: str | Path) -> bool:
+    return str(location).startswith(("postgresql://", "postgres://"))
+
+
+def shown(location: str | Path) -> str:
+    """A location as messages and manifests show it: a database URL without its password."""
+    if is_postgres(location):
+        return postgres.redacted(str(location))
+    return str(location)
+
+
+def open_store(location: str | Path) -> Store:
+    """The writer's store at `location`, created or migrated (SampleLogUnusable when it cannot be)."""
+    if is_postgres(location):
+        return postgres.PostgresStore(str(location))
+    return sqlite.SQLiteStore(Path(location))
+
+
+def expand(locations: list[str | Path]) -> list[str | Path]:
+    """Each location as the logs it names: a directory gives its `*.db` shards, sorted."""
+    out: list[str | Path] = []
+    for location in locations:
+        if is_postgres(location):
+            out.append(str(location))
+            continue
+        path = Path(location)
+        if path.is_dir():
+            shards = sorted(path.glob("*.db"))
+            if not shards:
+                raise FileNotFoundError(f"no candidate log shards (*.db) in directory {path}")
+            out += shards
+        else:
+            out.append(path)
+    if not out:
+        raise FileNotFoundError("no candidate log given")
+    return out
+
+
+def read_records(
+    locations: list[str | Path] | str | Path,
+    since: float = float("-inf"),
+    until: float = float("inf"),
+    finished_only: bool = False,
+) -> list[dict[str, Any]]:
+    """Candidates created in (since, until], from every log at `locations`, in time order (ties by
+    request, prompt and candidate index), JSON columns decoded; `finished_only` leaves out those
+    early rejection or beam search pruned (partial texts)."""
+    records = []
+    for log in expand(locations if isinstance(locations, list) else [locations]):
+        if is_postgres(log):
+            records += postgres.read_records(str(log), since, until, finished_only)
+        else:
+            records += sqlite.read_records(Path(log), since, until, finished_only)
+    return sorted(records, key=canonical_order)
+
+
+def read_feedback(locations: list[str | Path] | str | Path) -> list[dict[str, Any]]:
+    """Every feedback row of every log, its request's candidates attached."""
+    out = []
+    for log in expand(locations if isinstance(locations, list) else [locations]):
+        if is_postgres(log):
+            out += postgres.read_feedback(str(log))
+        else:
+            out += sqlite.read_feedback(Path(log))
+    return out
