@@ -23,6 +23,7 @@ DESCRIPTION = """Best-of-N serving with a Bradley-Terry reward model, and RAFT r
   bon generate ... / bon eval ... / bon export-samples ...
   bon train sft|rm|prm|raft ...                  fine-tune a policy, train a reward model, RAFT
   bon label-steps ...                            step labels from rollouts, for bon train prm
+  bon retrain --published DIR --sample-log LOG   one gated RAFT round, for cron
   bon demo --output DIR                          the whole pipeline on tiny models, on a CPU
 
 `bon COMMAND --help` lists a command's flags with their defaults."""
@@ -39,6 +40,7 @@ COMMANDS = {
     "train prm": ("trainers.arguments", "prm_parser", "trainers.prm"),
     "label-steps": ("trainers.arguments", "label_steps_parser", "trainers.label_steps"),
     "demo": ("trainers.arguments", "demo_parser", "trainers.demo.pipeline"),
+    "retrain": ("trainers.arguments", "retrain_parser", "trainers.retrain"),
 }
 TRAINERS = {
     "sft": "supervised fine-tuning of a causal LM on prompt/completion or chat data",
@@ -195,7 +197,7 @@ def _run(args: argparse.Namespace) -> int:
         return 2
     if name != "demo":  # the demo prints its own table
         print(json.dumps(summary, indent=2))
-    return 0
+    return summary.get("exit_code", 0)  # bon retrain: 3 a gate failed, 4 a replica lags, 5 locked
 
 
 def _list_trainers(rest: list[str]) -> int:
@@ -208,6 +210,8 @@ def _list_trainers(rest: list[str]) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from server.arguments import READ_HELP
+
     parser = argparse.ArgumentParser(
         prog="bon", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -217,7 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands.choices["serve"].set_defaults(func=_serve)
 
     export = commands.add_parser("export-samples", help="write the candidate log as JSONL or Parquet")
-    export.add_argument("--sample-log", type=Path, required=True, help="the SQLite file bon serve wrote")
+    export.add_argument("--sample-log", action="append", required=True, help=READ_HELP)
     export.add_argument(
         "--format",
         choices=["candidates", "pairs"],
@@ -245,6 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("generate", "offline best-of-N: sample, score and log like the server, for RAFT data"),
         ("eval", "reward vs N, KL, win rate and diversity: eval.json, report.md and plots"),
         ("label-steps", "label each step of sampled answers by rollouts (Math-Shepherd), for bon train prm"),
+        ("retrain", "one periodic RAFT round: train on the new log window, gate, publish, move the replicas"),
     ]:
         job = commands.add_parser(name, help=f"{what}; `bon {name} --help`", add_help=False)
         job.set_defaults(func=_run, passes_through=True)

@@ -39,6 +39,11 @@ def module_doc(module: str) -> str | None:
 
 ENGINES = ["transformers", "vllm"]
 DTYPES = ["auto", "float32", "float16", "bfloat16"]
+# What every reader's --sample-log takes (server/log/sources.py).
+READ_HELP = (
+    "a candidate log: a SQLite file, a directory of SQLite shards (*.db), or a postgresql:// URL; "
+    "repeat it to read several as one"
+)
 THREADS_HELP = "intra-op CPU threads for torch; 0: half the cores"
 
 

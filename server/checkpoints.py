@@ -45,6 +45,30 @@ def model_version(path: Path) -> str:
     return digest.hexdigest()[:12]
 
 
+def published_at(path: Path) -> float:
+    """When a checkpoint was made: its RAFT manifest's time, else its directory's."""
+    manifest = path / "raft_manifest.json"
+    if manifest.is_file():
+        created = json.loads(manifest.read_text()).get("created")
+        if isinstance(created, int | float):
+            return float(created)
+    return path.stat().st_mtime
+
+
+def newest_checkpoint(directory: Path) -> Path | None:
+    """The newest complete checkpoint published under `directory` (what `--watch` serves and
+    `bon retrain` trains from). Publishers write a hidden (dot) directory and rename it into
+    place, so any visible subdirectory with a config.json is complete."""
+    if not directory.is_dir():
+        return None
+    candidates = [
+        p.resolve()
+        for p in directory.iterdir()
+        if p.is_dir() and not p.name.startswith(".") and (p / "config.json").is_file()
+    ]
+    return max(candidates, key=lambda p: p.stat().st_mtime_ns, default=None)
+
+
 def context_length(config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase) -> int:
     """The longest sequence the model takes: its position limit, or the tokenizer's if smaller."""
     text_config = config.get_text_config()

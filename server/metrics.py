@@ -47,17 +47,21 @@ PRUNED = Counter("bon_pruned_candidates", "Candidates that early rejection stopp
 CANDIDATES = Histogram(
     "bon_candidates_per_request", "Candidates sampled per prompt (best_of).", buckets=_SIZE_BUCKETS
 )
+# By policy version: a dashboard compares the reward a new checkpoint earns with its predecessor's.
 CANDIDATE_REWARD = Histogram(
-    "bon_candidate_reward", "Reward of every sampled candidate.", buckets=_REWARD_BUCKETS
+    "bon_candidate_reward", "Reward of every sampled candidate.", ["policy_version"], buckets=_REWARD_BUCKETS
 )
 MEMBER_REWARD = Histogram(
     "bon_member_reward",
-    "Raw reward of every scored candidate, per reward member (reward model or rule).",
-    ["member"],
+    "Raw reward of every scored candidate, per reward member (reward model or rule) and its version.",
+    ["member", "version"],
     buckets=_REWARD_BUCKETS,
 )
 RETURNED_REWARD = Histogram(
-    "bon_returned_reward", "Reward of the candidates returned to clients.", buckets=_REWARD_BUCKETS
+    "bon_returned_reward",
+    "Reward of the candidates returned to clients.",
+    ["policy_version"],
+    buckets=_REWARD_BUCKETS,
 )
 RM_TRUNCATED = Counter(
     "bon_reward_input_truncated", "Candidates whose reward-model input was cut to fit its context."
@@ -71,6 +75,13 @@ LOG_HEALTHY = Gauge(
 LOG_LOST = Counter(
     "bon_sample_log_records_lost",
     "Candidate records never written: refused for their content, or still failing at shutdown.",
+)
+ENGINE_HEALTHY = Gauge(
+    "bon_engine_healthy", "1 while both engines can serve; 0 once one has died (checked at every scrape)."
+)
+POLICY_PUBLISHED = Gauge(
+    "bon_policy_published_timestamp_seconds",
+    "When the served policy checkpoint was made: its RAFT manifest's time, else its directory's.",
 )
 MODEL_INFO = Gauge("bon_model_info", "The loaded model of each role (value 1).", ["role", "path", "version"])
 RELOADS = Counter(

@@ -13,6 +13,7 @@ import logging
 from pathlib import Path
 
 from server import metrics
+from server.checkpoints import newest_checkpoint, published_at
 from server.engines.contract import RewardScorer, Sampler
 from server.failures import InvalidInput, ReloadRefused
 from server.policy import PolicyInfo, read_policy
@@ -70,6 +71,8 @@ class Reloader:
                     await self.checkpoints.swap(reward_models={name: new})
                 metrics.MODEL_INFO.remove(role, str(previous.info.path), previous.info.version)
                 metrics.MODEL_INFO.labels(role=role, path=str(new.info.path), version=new.info.version).set(1)
+                if role == "policy":
+                    metrics.POLICY_PUBLISHED.set(published_at(new.info.path))
                 metrics.RELOADS.labels(role=role, outcome="loaded").inc()
                 log.info("reloaded %s: %s (version %s)", name, new.info.path, new.info.version)
             return self.loaded()
@@ -94,7 +97,7 @@ class Reloader:
         visible subdirectory with a config.json is complete. Dot-directories are in-progress.
         """
         while True:
-            newest = _newest_checkpoint(directory)
+            newest = newest_checkpoint(directory)
             if (
                 newest is not None
                 and newest != self.checkpoints.policy.info.path
@@ -106,17 +109,6 @@ class Reloader:
                     self._refused.add(newest)
                     log.error("watched checkpoint %s refused: %s", newest, error)
             await asyncio.sleep(interval)
-
-
-def _newest_checkpoint(directory: Path) -> Path | None:
-    if not directory.is_dir():
-        return None
-    candidates = [
-        p.resolve()
-        for p in directory.iterdir()
-        if p.is_dir() and not p.name.startswith(".") and (p / "config.json").is_file()
-    ]
-    return max(candidates, key=lambda p: p.stat().st_mtime_ns, default=None)
 
 
 def _checkpoint(info: PolicyInfo | RewardModelInfo) -> dict[str, str]:

@@ -418,13 +418,15 @@ class BestOfN:
 
         metrics.PROMPT_TOKENS.inc(len(prompt.token_ids))
         metrics.CANDIDATES.observe(len(candidates))
+        policy_version = pinned.policy.info.version
+        versions = {name: rm.info.version for name, rm in pinned.reward_models.items()}
         for s in scored:
-            metrics.CANDIDATE_REWARD.observe(s.reward)
+            metrics.CANDIDATE_REWARD.labels(policy_version=policy_version).observe(s.reward)
             for name, value in s.score.members.items():
-                metrics.MEMBER_REWARD.labels(member=name).observe(value)
+                metrics.MEMBER_REWARD.labels(member=name, version=versions.get(name, "rule")).observe(value)
             metrics.RM_TRUNCATED.inc(int(s.reward_truncated))
         for index in chosen:
-            metrics.RETURNED_REWARD.observe(rewards[index])
+            metrics.RETURNED_REWARD.labels(policy_version=policy_version).observe(rewards[index])
         result = BestOfNResult(prompt, scored, chosen, choice)
         metrics.GENERATED_TOKENS.inc(result.completion_tokens)
         return result

@@ -5,6 +5,7 @@ Precedence: command line, then environment, then the defaults below.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 from pathlib import Path
@@ -145,6 +146,24 @@ class Settings(BaseSettings):
         description="KV cache of each vLLM engine in GiB, instead of the GPU fractions; on a CPU "
         "it defaults to 1 (vLLM's own default takes most of the machine's memory).",
     )
+    vllm_tensor_parallel_size: int = Field(
+        1, ge=1, description="GPUs the vLLM policy engine shards each layer over (tensor parallelism)."
+    )
+    vllm_data_parallel_size: int = Field(
+        1, ge=1, description="Copies of the vLLM policy engine it spreads requests over (data parallelism)."
+    )
+    vllm_reward_tensor_parallel_size: int = Field(
+        1, ge=1, description="Tensor parallelism of each vLLM reward engine."
+    )
+    vllm_reward_data_parallel_size: int = Field(
+        1, ge=1, description="Data parallelism of each vLLM reward engine."
+    )
+    vllm_engine_args: str = Field(
+        "{}",
+        description="Any other vLLM engine argument, as a JSON object of AsyncEngineArgs fields "
+        '(e.g. \'{"max_num_seqs": 64, "quantization": "fp8"}\'), for the policy engine.',
+    )
+    vllm_reward_engine_args: str = Field("{}", description="The same, for each vLLM reward engine.")
     vllm_enforce_eager: bool = Field(
         False, description="vLLM without torch.compile or CUDA graphs: starts faster, steps slower."
     )
@@ -172,6 +191,19 @@ class Settings(BaseSettings):
         if isinstance(value, str | Path):
             return [part.strip() for part in str(value).split(",") if part.strip()]
         return [str(v) for v in value]
+
+    @field_validator("vllm_engine_args", "vllm_reward_engine_args")
+    @classmethod
+    def _json_object(cls, value: str) -> str:
+        try:
+            parsed = json.loads(value)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"not JSON ({error})") from None
+        if not isinstance(parsed, dict):
+            raise ValueError('a JSON object of vLLM engine arguments, e.g. {"max_num_seqs": 64}')
+        if "model" in parsed:
+            raise ValueError("model is bon's to set (--policy, --reward-model): leave it out")
+        return value
 
     @model_validator(mode="after")
     def _members(self):

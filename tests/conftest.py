@@ -15,9 +15,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from transformers import AutoConfig
-
 from postgres_cluster import PostgresCluster
+from transformers import AutoConfig
 
 from bon.tiny_models import build_model, tokenizer_a, tokenizer_b
 
@@ -133,7 +132,7 @@ def start_server(
     """`bon serve` on a free port, logging to `sample_log` (a PostgreSQL URL, or by default a
     SQLite file in `workdir`)."""
     port = free_port()
-    sample_log = sample_log or workdir / "samples.db"
+    sample_log = sample_log or default_sample_log(workdir)
     log_file = workdir / "server.log"
     command = serve_command(pair, "--port", str(port), "--sample-log", str(sample_log), *extra)
     process = subprocess.Popen(
@@ -174,12 +173,34 @@ def stop_server(server: Server, sig: int = signal.SIGTERM) -> int:
 API_KEYS = ("key-one", "key-two")
 
 
+_CLUSTER: list[PostgresCluster] = []  # started on first use, stopped when the session ends
+
+
+def postgres_cluster() -> PostgresCluster:
+    if not _CLUSTER:
+        _CLUSTER.append(PostgresCluster())
+    return _CLUSTER[0]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _stop_postgres():
+    yield
+    if _CLUSTER:
+        _CLUSTER.pop().close()
+
+
 @pytest.fixture(scope="session")
-def postgres():
+def postgres() -> PostgresCluster:
     """A PostgreSQL server of the tests' own (tests/postgres_cluster.py)."""
-    cluster = PostgresCluster()
-    yield cluster
-    cluster.close()
+    return postgres_cluster()
+
+
+def default_sample_log(workdir: Path) -> str | Path:
+    """Where a test's server logs: a SQLite file, or with BON_TEST_SAMPLE_LOG=postgresql a fresh
+    database of the tests' PostgreSQL (`make test-postgres` runs the server suites so)."""
+    if os.environ.get("BON_TEST_SAMPLE_LOG") == "postgresql":
+        return postgres_cluster().database()
+    return workdir / "samples.db"
 
 
 @pytest.fixture(scope="session")

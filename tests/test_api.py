@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sqlite3
 import time
 
 import httpx
@@ -10,6 +9,8 @@ import openai
 import pytest
 from conftest import API_KEYS
 from reference import chat_reward, completion_reward
+
+from server.log.sources import read_records
 
 MESSAGES = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "what is 2 + 3?"}]
 
@@ -28,16 +29,7 @@ def logged(server, request_id: str, timeout: float = 5.0) -> list[dict]:
     """The candidate log's rows of one request, waiting for the writer's commit."""
     deadline = time.monotonic() + timeout
     while True:
-        connection = sqlite3.connect(server.sample_log)
-        connection.row_factory = sqlite3.Row
-        rows = [
-            dict(r)
-            for r in connection.execute(
-                "SELECT * FROM candidates WHERE request_id = ? ORDER BY prompt_index, candidate_index",
-                (request_id,),
-            )
-        ]
-        connection.close()
+        rows = [r for r in read_records(server.sample_log) if r["request_id"] == request_id]
         if rows or time.monotonic() > deadline:
             return rows
         time.sleep(0.1)
@@ -128,7 +120,7 @@ def test_second_pair_qwen2_policy_and_templateless_gpt2_rm(client_b, server_b, p
         )
         assert candidate["reward"] == pytest.approx(expected, abs=1e-4)
     rows = logged(server_b, response.id)
-    assert rows and '"role": "user"' in rows[0]["prompt"]  # chat prompts are logged as messages
+    assert rows and rows[0]["prompt"][0]["role"] == "user"  # chat prompts are logged as messages
 
 
 def test_prompt_list_returns_n_choices_per_prompt(client, server):

@@ -11,6 +11,7 @@ import httpx
 from conftest import start_server, stop_server
 
 from bon.cli import GRACEFUL_SHUTDOWN_SECONDS
+from server.log.sources import is_postgres, read_records
 
 
 def send(server, count: int, best_of: int = 3) -> list[str]:
@@ -26,12 +27,13 @@ def send(server, count: int, best_of: int = 3) -> list[str]:
     return [r.json()["id"] for r in responses]
 
 
-def logged_ids(path) -> list[str]:
-    connection = sqlite3.connect(path)
-    assert connection.execute("PRAGMA integrity_check").fetchone() == ("ok",)
-    ids = [row[0] for row in connection.execute("SELECT request_id FROM candidates")]
-    connection.close()
-    return ids
+def logged_ids(location) -> list[str]:
+    """Every logged candidate's request id; a SQLite file is checked whole first."""
+    if not is_postgres(location):
+        connection = sqlite3.connect(location)
+        assert connection.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+        connection.close()
+    return [record["request_id"] for record in read_records(location)]
 
 
 def test_kill_9_keeps_everything_committed_a_second_earlier(pair_gpt2_llama, tmp_path):

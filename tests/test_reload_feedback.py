@@ -5,13 +5,13 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
-import sqlite3
 import time
 
 import httpx
 import pytest
 from conftest import start_server, stop_server
 
+from server.log.sources import read_feedback, read_records
 from trainers.data import load_feedback
 
 ADMIN = {"Authorization": "Bearer admin-secret"}
@@ -62,9 +62,9 @@ def test_feedback_is_stored_and_read_by_the_rm_trainer(loop_server):
     assert feedback(loop_server, {"request_id": first["id"], "chosen": 2, "rejected": 0}).json()["pairs"] == 1
     assert feedback(loop_server, {"request_id": second["id"], "ranks": [2, 1, 2]}).json()["pairs"] == 2
     time.sleep(1.2)  # the feedback rows are committed with the next flush
-    stored = sqlite3.connect(loop_server.sample_log).execute("SELECT ranks FROM feedback").fetchall()[-2:]
+    stored = read_feedback(loop_server.sample_log)[-2:]
     # One numbering with the candidate log's rank column: 0 = best.
-    assert [json.loads(r) for (r,) in stored] == [[1, None, 0], [1, 0, 1]]
+    assert [row["ranks"] for row in stored] == [[1, None, 0], [1, 0, 1]]
     groups = load_feedback(loop_server.sample_log)[-2:]
     pair, ranked = groups
     assert pair.prompt == "the cat"
@@ -192,12 +192,8 @@ def test_reload_under_concurrent_requests_fails_none(loop_server, models):
     assert refused.status_code == 404 and refused.json()["error"]["param"] == "model"
     # Candidates are logged with the policy that actually produced them.
     time.sleep(1.2)  # committed within a second
-    import sqlite3
-
-    rows = (
-        sqlite3.connect(loop_server.sample_log).execute("SELECT DISTINCT policy FROM candidates").fetchall()
-    )
-    assert {first_policy, str(models["llama_policy"])} <= {r[0] for r in rows}
+    policies = {record["policy"] for record in read_records(loop_server.sample_log)}
+    assert {first_policy, str(models["llama_policy"])} <= policies
 
 
 def test_watch_serves_a_newly_published_checkpoint(loop_server, models):

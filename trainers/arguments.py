@@ -11,7 +11,7 @@ import argparse
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from server.arguments import THREADS_HELP, HelpFormatter, job_parser, module_doc
+from server.arguments import READ_HELP, THREADS_HELP, HelpFormatter, job_parser, module_doc
 from server.rules import LAST_NUMBER
 
 
@@ -76,7 +76,9 @@ def rm_parser() -> argparse.ArgumentParser:
     required.add_argument("--base", type=Path, required=True, help="SFT policy directory to start from")
     required.add_argument("--output", type=Path, required=True, help="new directory for the reward model")
     parser.add_argument("--data", type=Path, nargs="*", default=[], help="JSONL pairs or rankings")
-    parser.add_argument("--sample-log", type=Path, help="also train on the feedback stored by bon serve")
+    parser.add_argument(
+        "--sample-log", action="append", help=f"also train on the feedback bon serve stored: {READ_HELP}"
+    )
     parser.add_argument("--eval-fraction", type=float, default=0.1, help="prompts held out for evaluation")
     parser.add_argument("--centering", type=float, default=0.0, help="coefficient of mean(r^2)")
     parser.add_argument(
@@ -149,7 +151,7 @@ def raft_parser() -> argparse.ArgumentParser:
         "--output", type=Path, required=True, help="new checkpoint directory (must not exist)"
     )
     source = parser.add_argument_group("data: the candidate log, or self-sampling")
-    source.add_argument("--sample-log", type=Path, help="bon serve's candidate log")
+    source.add_argument("--sample-log", action="append", help=f"bon serve's candidates: {READ_HELP}")
     source.add_argument(
         "--since", type=float, help="unix time; default: the parent RAFT run's window end, or all"
     )
@@ -163,11 +165,65 @@ def raft_parser() -> argparse.ArgumentParser:
     )
     source.add_argument("--temperature", type=float, default=1.0, help="self-sampling temperature")
     source.add_argument("--max-new-tokens", type=int, default=128, help="self-sampling: tokens per candidate")
+    add_selection_args(parser)
+    add_train_args(parser)
+    return parser
+
+
+def add_selection_args(parser: argparse.ArgumentParser) -> None:
+    """Which logged candidates RAFT trains on (trainers.raft.Selection)."""
     pick = parser.add_argument_group("selection")
     pick.add_argument("--top-k", type=int, default=1, help="keep the best k per prompt (local ranking)")
     pick.add_argument("--top-fraction", type=float, help="keep the best fraction overall (global ranking)")
     pick.add_argument("--min-reward", type=float, help="keep no candidate below this reward")
     pick.add_argument("--min-candidates", type=int, default=1, help="skip prompts with fewer candidates")
+
+
+def retrain_parser() -> argparse.ArgumentParser:
+    parser, required = job_parser("bon retrain", module_doc("trainers.retrain"))
+    required.add_argument(
+        "--published", type=Path, required=True, help="where checkpoints are published (what --watch reads)"
+    )
+    required.add_argument("--sample-log", action="append", required=True, help=READ_HELP)
+    required.add_argument("--reward-model", type=Path, required=True, help="scores the evaluation's samples")
+    required.add_argument(
+        "--eval-prompts", type=Path, required=True, help='held-out JSONL, a "prompt" per line'
+    )
+    gates = parser.add_argument_group("gates: a candidate is published only if it passes all")
+    gates.add_argument(
+        "--min-win-rate",
+        type=float,
+        default=0.5,
+        help="least reward-model win rate of the candidate's samples over the current checkpoint's",
+    )
+    gates.add_argument(
+        "--max-kl", type=float, help="most KL(candidate || reference) in nats (default: no gate)"
+    )
+    gates.add_argument(
+        "--reference", type=Path, help="KL's reference (default: the first policy the rounds started from)"
+    )
+    gates.add_argument(
+        "--min-samples", type=int, default=16, help="fewer new finished candidates than this: nothing to do"
+    )
+    evaluation = parser.add_argument_group("evaluation")
+    evaluation.add_argument("-k", type=int, default=8, help="samples per eval prompt and policy")
+    evaluation.add_argument("--max-tokens", type=int, default=16, help="tokens per evaluation sample")
+    servers = parser.add_argument_group("replicas")
+    servers.add_argument(
+        "--servers",
+        default="",
+        help="comma-separated base URLs of the replicas to move to the new checkpoint",
+    )
+    servers.add_argument(
+        "--notify",
+        choices=["reload", "watch"],
+        default="reload",
+        help="reload: POST /admin/reload to each (BON_ADMIN_KEY); watch: the replicas run --watch, only wait",
+    )
+    servers.add_argument(
+        "--wait-seconds", type=float, default=300, help="how long each replica has to report the new version"
+    )
+    add_selection_args(parser)
     add_train_args(parser)
     return parser
 
@@ -180,7 +236,12 @@ def eval_parser() -> argparse.ArgumentParser:
     required.add_argument(
         "--output", type=Path, required=True, help="directory for eval.json, report.md, plots"
     )
-    parser.add_argument("--samples", type=Path, help="scored samples (.jsonl/.parquet): no models needed")
+    parser.add_argument(
+        "--samples",
+        action="append",
+        help="scored samples, no models needed: a .jsonl/.parquet file, or candidate logs (a SQLite "
+        "file, a directory of shards, a postgresql:// URL; repeatable)",
+    )
     parser.add_argument(
         "--policy", type=Path, action="append", default=[], help="a policy to sample; repeatable"
     )

@@ -133,7 +133,7 @@ def load_preferences(paths: list[Path]) -> list[PreferenceGroup]:
     return groups
 
 
-def load_feedback(sample_log: Path) -> list[PreferenceGroup]:
+def load_feedback(sample_log: list[str]) -> list[PreferenceGroup]:
     """Comparisons collected by `POST /v1/feedback`, as groups over the ranked candidates."""
     from server.log.sources import read_feedback
 

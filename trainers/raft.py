@@ -38,7 +38,7 @@ from server.checkpoints import checkpoint_dir, model_version
 from server.engines.contract import Candidate, SampleRequest, SamplingParams
 from server.engines.hf.decoding import generate
 from server.engines.hf.models import HFPolicy, load_policy, load_reward_model
-from server.log.sources import read_records
+from server.log.sources import read_records, shown
 from server.prompts import Prompt as ServedPrompt
 from server.prompts import make_prompt, reward_input
 from server.reward import read_reward_model
@@ -158,7 +158,7 @@ def parent_window_end(policy: Path) -> float:
     return 0.0
 
 
-def samples_from_log(sample_log: Path, since: float, until: float) -> list[Sample]:
+def samples_from_log(sample_log: list[str], since: float, until: float) -> list[Sample]:
     # Pruned candidates are partial texts: never a target to fine-tune on.
     records = read_records(sample_log, since, until, finished_only=True)
     return [Sample(r["prompt"], r["completion"], r["reward"]) for r in records]
@@ -226,13 +226,32 @@ def _manifest(parent: Path, args: TrainArgs, rule: Selection, all_samples, kept,
 
 
 def raft_from_log(
-    policy: Path, sample_log: Path, output: Path, args: TrainArgs, rule: Selection, since: float | None = None
+    policy: Path,
+    sample_log: list[str],
+    output: Path,
+    args: TrainArgs,
+    rule: Selection,
+    since: float | None = None,
 ) -> dict:
     """One RAFT step on the logged window; returns the manifest written beside the checkpoint."""
     check_new_output(output)
-    until = time.time()
-    since = parent_window_end(policy) if since is None else since
-    all_samples = samples_from_log(sample_log, since, until)
+    window = (parent_window_end(policy) if since is None else since, time.time())
+    return raft_on_window(
+        policy, samples_from_log(sample_log, *window), sample_log, window, output, args, rule
+    )
+
+
+def raft_on_window(
+    policy: Path,
+    all_samples: list[Sample],
+    sample_log: list[str],
+    window: tuple[float, float],
+    output: Path,
+    args: TrainArgs,
+    rule: Selection,
+) -> dict:
+    """Fine-tune `policy` on the best of `all_samples`, read from `sample_log` over `window`."""
+    since, until = window
     kept = select(all_samples, rule)
     if not kept:
         raise RecipeError(
@@ -246,7 +265,7 @@ def raft_from_log(
         all_samples,
         kept,
         mode="log",
-        sample_log=str(sample_log),
+        sample_log=[shown(location) for location in sample_log],
         window={"since": since, "until": until},
     )
     examples = [SFTExample(s.prompt, s.completion) for s in kept]

@@ -20,7 +20,7 @@ from server.api.openapi import describe, errors_of
 from server.api.responses import Health, Ready
 from server.api.routes import admin, router
 from server.assembly import Service, start_service
-from server.checkpoints import PROBE_PROMPT
+from server.checkpoints import PROBE_PROMPT, published_at
 from server.engines.contract import RewardScorer, Sampler, SamplingParams
 from server.failures import EngineDead, LogBehind, NotReady
 from server.policy import PolicyInfo, probe_ids
@@ -121,6 +121,7 @@ def build_app(
         roles += [("reward_model", rm) for rm in reward_models.values()]
         for role, info in roles:
             metrics.MODEL_INFO.labels(role=role, path=str(info.path), version=info.version).set(1)
+        metrics.POLICY_PUBLISHED.set(published_at(policy.path))
         warm_up = asyncio.create_task(_warm_up(app, service))
         try:
             yield
@@ -170,6 +171,13 @@ def build_app(
     )
     async def prometheus_metrics() -> Response:
         """Prometheus text format (a route rather than a mount, which would redirect to /metrics/)."""
+        service: Service | None = getattr(app.state, "service", None)
+        if service is not None:
+            try:
+                await service.best_of_n.check()
+                metrics.ENGINE_HEALTHY.set(1)
+            except EngineDead:
+                metrics.ENGINE_HEALTHY.set(0)
         return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
 
     app.include_router(router)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
@@ -37,13 +38,27 @@ def _vllm_options(settings: Settings, role: str) -> VLLMOptions:
         if role == "engine"
         else settings.vllm_reward_gpu_memory_utilization
     )
-    return VLLMOptions(
+    policy = role == "engine"
+    options = VLLMOptions(
         dtype=settings.dtype,
         gpu_memory_utilization=fraction,
         kv_cache_gib=settings.vllm_kv_cache_gib,
         enforce_eager=settings.vllm_enforce_eager,
         max_queued=settings.max_queued_prompts,
+        tensor_parallel_size=(
+            settings.vllm_tensor_parallel_size if policy else settings.vllm_reward_tensor_parallel_size
+        ),
+        data_parallel_size=(
+            settings.vllm_data_parallel_size if policy else settings.vllm_reward_data_parallel_size
+        ),
+        engine_args=json.loads(settings.vllm_engine_args if policy else settings.vllm_reward_engine_args),
     )
+    if unknown := options.unknown_engine_args():
+        raise EngineUnavailable(
+            f"--vllm-{'' if policy else 'reward-'}engine-args: {', '.join(unknown)} is not an argument "
+            "of this vLLM's engine (vllm.engine.arg_utils.AsyncEngineArgs)"
+        )
+    return options
 
 
 # The return types make the type checker hold every engine to its protocol.

@@ -37,7 +37,7 @@ import sys
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from functools import cache
 from pathlib import Path
 from typing import TypeVar, cast
@@ -78,6 +78,13 @@ class VLLMOptions:
     kv_cache_gib: float | None  # explicit KV cache size; overrides the share
     enforce_eager: bool  # no torch.compile or CUDA graphs: faster start, slower steps
     max_queued: int  # prompts (sampling) or score calls in flight beyond which Overloaded
+    tensor_parallel_size: int = 1
+    data_parallel_size: int = 1
+    engine_args: dict = field(default_factory=dict)  # any other AsyncEngineArgs field, given as is
+
+    def unknown_engine_args(self) -> list[str]:
+        """The given engine arguments AsyncEngineArgs does not have."""
+        return sorted(set(self.engine_args) - {f.name for f in fields(AsyncEngineArgs)})
 
 
 def step_pooling(layout: StepLayout, tokenizer) -> dict:
@@ -110,11 +117,14 @@ def engine_args(
         # Stats (and vLLM's Prometheus metrics beside bon's) from the sampling engine only: each
         # engine's stat logger unregisters the vllm: metrics another one registered.
         disable_log_stats=pooling,
+        tensor_parallel_size=options.tensor_parallel_size,
+        data_parallel_size=options.data_parallel_size,
     )
     if kv_cache_gib is not None:
         args["kv_cache_memory_bytes"] = int(kv_cache_gib * GiB)
     if pooling:
         args["runner"] = "pooling"
+    args.update(options.engine_args)  # the user's, then what reading this model needs
     args.update(extra or {})
     if current_platform.is_cpu():
         # On a CPU a seeded request whose prefill is split over steps kills the engine ("CPU

@@ -56,7 +56,9 @@ def preference_pairs(records: list[dict], min_margin: float = 0.0) -> list[dict]
     return pairs
 
 
-def export_samples(sample_log: Path, output: Path, shape: str = "candidates", min_margin: float = 0.0) -> int:
+def export_samples(
+    sample_log: list[str] | str | Path, output: Path, shape: str = "candidates", min_margin: float = 0.0
+) -> int:
     """Write `sample_log` to `output` as candidates or pairs; returns how many records were written."""
     fmt = table_format(output)
     records = read_records(sample_log)

@@ -104,11 +104,11 @@ def redacted(url: str) -> str:
 
 
 def _utf8(text: str) -> bytes:
-    return text.encode("utf-8", "surrogatepass")
+    return text.encode("utf-8")
 
 
 def _text(data: bytes) -> str:
-    return bytes(data).decode("utf-8", "surrogatepass")
+    return bytes(data).decode("utf-8")
 
 
 def _connect(url: str, **options: Any) -> psycopg.Connection:

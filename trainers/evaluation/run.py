@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,8 @@ import torch
 from server.batch.tables import BadInput, read_rows, table_format
 from server.engines.contract import SamplingParams
 from server.engines.hf.models import HFPolicy, load_policy, load_reward_model, pad_right
+from server.log.export import export_record
+from server.log.sources import is_log, read_records, shown
 from server.prompts import reward_input
 from server.seeds import prompt_seed
 from server.threads import apply_torch_threads
@@ -65,15 +68,29 @@ def _policy_name(policy: Any) -> str:
     return str(policy)
 
 
-def pools_from_samples(path: Path, gold) -> dict[str, list[Pool]]:
-    """Pools per policy, per prompt, in first-seen order."""
+def sample_rows(sources: list[str]) -> Iterator[tuple[dict, str]]:
+    """(record, where) of every scored sample: candidate logs read as one (as export-samples
+    writes them), or one .jsonl/.parquet table."""
+    if all(is_log(source) for source in sources):
+        for number, record in enumerate(read_records(sources), 1):
+            yield export_record(record), f"log record {number}"
+        return
+    if len(sources) != 1:
+        raise BadInput("--samples takes one .jsonl/.parquet file, or candidate logs (repeatable)")
+    path = Path(sources[0])
     table_format(path)
-    policies: dict[str, dict[str, Pool]] = {}
-    pruned = 0
     for row in read_rows(path, window=4096):
         if isinstance(row, BadInput):
             raise row
-        record, place = row.record, row.place
+        yield row.record, row.place
+
+
+def pools_from_samples(sources: list[str], gold) -> dict[str, list[Pool]]:
+    """Pools per policy, per prompt, in first-seen order."""
+    policies: dict[str, dict[str, Pool]] = {}
+    pruned = 0
+    default_policy = Path(sources[0]).stem if len(sources) == 1 else "samples"
+    for record, place in sample_rows(sources):
         if record.get("pruned"):  # early rejection stopped it: a partial text, not a sample
             pruned += 1
             continue
@@ -85,7 +102,7 @@ def pools_from_samples(path: Path, gold) -> dict[str, list[Pool]]:
         if not isinstance(record["reward"], int | float) or not isinstance(record["completion"], str):
             raise BadInput(f'{place}: "reward" must be a number and "completion" a string')
         prompt = record["prompt"]
-        pools = policies.setdefault(_policy_name(record.get("policy", path.stem)), {})
+        pools = policies.setdefault(_policy_name(record.get("policy", default_policy)), {})
         pool = pools.setdefault(
             prompt_key(prompt), Pool(prompt, [], [], [] if gold or "gold" in record else None)
         )
@@ -105,7 +122,8 @@ def pools_from_samples(path: Path, gold) -> dict[str, list[Pool]]:
     if pruned:
         log.info("left out %d candidates that early rejection pruned (partial texts)", pruned)
     if not policies:
-        raise BadInput(f"{path}: no rows" + (f" but {pruned} pruned candidates" if pruned else ""))
+        where = ", ".join(shown(source) for source in sources)
+        raise BadInput(f"{where}: no rows" + (f" but {pruned} pruned candidates" if pruned else ""))
     return {name: list(pools.values()) for name, pools in policies.items()}
 
 
@@ -139,38 +157,52 @@ def same_tokens(a: dict[str, int], b: dict[str, int]) -> bool:
     return all(large.get(token) == index for token, index in small.items())
 
 
-def pools_from_models(args, prompts: list[Prompt], gold) -> dict[str, list[Pool]]:
+def pools_from_models(
+    reward_model: Path,
+    reference: Path,
+    policies: list[Path],
+    prompts: list[Prompt],
+    sampling: tuple[int, int, int],
+    gold=None,
+    sample_reference: bool = True,
+) -> dict[str, list[Pool]]:
+    """Pools of K samples per prompt from each policy (and from the reference first, unless
+    `sample_reference` is off), each sample's log ratio to the reference, each scored by the
+    reward model. `sampling` is (K, max_tokens, seed)."""
+    k, max_tokens, seed = sampling
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    rm = load_reward_model(args.reward_model, device, "auto")
-    reference = load_policy(args.reference, device, "auto")
+    rm = load_reward_model(reward_model, device, "auto")
+    reference_policy = load_policy(reference, device, "auto")
     out: dict[str, list[Pool]] = {}
-    for position, directory in enumerate([args.reference, *args.policy]):
-        policy = reference if position == 0 else load_policy(directory, device, "auto")
-        if not same_tokens(policy.tokenizer.get_vocab(), reference.tokenizer.get_vocab()):
+    for position, directory in enumerate([reference, *policies]):
+        if position == 0 and not sample_reference:
+            continue
+        policy = reference_policy if position == 0 else load_policy(directory, device, "auto")
+        if not same_tokens(policy.tokenizer.get_vocab(), reference_policy.tokenizer.get_vocab()):
             raise BadInput(
-                f"{directory} and --reference {args.reference} have different vocabularies: KL needs one"
+                f"{directory} and --reference {reference} have different vocabularies: KL needs one"
             )
         name = f"{Path(directory).name} (reference)" if position == 0 else Path(directory).name
         name += f" #{position}" if name in out else ""
         # Each policy its own seeds: a policy given twice (or as its own reference) draws a pool
         # independent of the other's, as the win rates assume.
-        params = SamplingParams(
-            max_tokens=args.max_tokens, temperature=1.0, seed=prompt_seed(args.seed, position)
-        )
-        log.info("sampling %d per prompt from %s", args.k, name)
-        drawn = sample_candidates(policy, prompts, args.k, params, batch=16)
+        params = SamplingParams(max_tokens=max_tokens, temperature=1.0, seed=prompt_seed(seed, position))
+        log.info("sampling %d per prompt from %s", k, name)
+        drawn = sample_candidates(policy, prompts, k, params, batch=16)
         sequences = [(p.token_ids, c.token_ids) for p, cands in drawn for c in cands]
         log_ratio = [
             a - b
             for a, b in zip(
-                sequence_logprobs(policy, sequences), sequence_logprobs(reference, sequences), strict=True
+                sequence_logprobs(policy, sequences),
+                sequence_logprobs(reference_policy, sequences),
+                strict=True,
             )
         ]
         pools = []
         for index, (raw, (prompt, cands)) in enumerate(zip(prompts, drawn, strict=True)):
             texts = [c.text for c in cands]
             rewards = rm.score([reward_input(rm.info, prompt, t).token_ids for t in texts])
-            ratios = log_ratio[index * args.k : (index + 1) * args.k]
+            ratios = log_ratio[index * k : (index + 1) * k]
             pools.append(Pool(raw, texts, rewards, [gold(raw, t) for t in texts] if gold else None, ratios))
         out[name] = pools
     return out
@@ -217,10 +249,19 @@ def main(argv: list[str] | None = None) -> dict:
             prompts = load_prompts(args.prompts)
         except RecipeError as error:
             raise BadInput(str(error)) from None
-        pools = pools_from_models(args, prompts, gold)
+        pools = pools_from_models(
+            args.reward_model,
+            args.reference,
+            args.policy,
+            prompts,
+            (args.k, args.max_tokens, args.seed),
+            gold,
+        )
         references = next(iter(pools.values()))
     report = {
-        "source": str(args.samples) if args.samples else {"reference": str(args.reference), "k": args.k},
+        "source": [shown(source) for source in args.samples]
+        if args.samples
+        else {"reference": str(args.reference), "k": args.k},
         "policies": {name: measure(p, references, rule_settings(args)) for name, p in pools.items()},
     }
     for name, result in report["policies"].items():
