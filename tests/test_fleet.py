@@ -9,6 +9,7 @@ import json
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -78,6 +79,7 @@ def test_two_replicas_one_log_a_gated_retrain_and_a_refused_one(postgres, tmp_pa
     servers = [replica("replica-a"), replica("replica-b")]
     try:
         first = round_robin(servers, [item.prompt for item in train[:48]], seed=0)
+        time.sleep(1.2)  # past the flush interval: everything acknowledged is committed
         records = read_records(url)
         assert {r["replica"] for r in records} == {"replica-a", "replica-b"}
         assert len(records) == 48 * 4 and len({r["request_id"] for r in records}) == 48
@@ -99,6 +101,7 @@ def test_two_replicas_one_log_a_gated_retrain_and_a_refused_one(postgres, tmp_pa
 
         # The next window: served by the new checkpoint, on both replicas.
         round_robin(servers, [item.prompt for item in train[48:96]], seed=1000)
+        time.sleep(1.2)
         newer = [r for r in read_records(url) if r["created"] > manifest["window"]["until"]]
         assert len(newer) == 48 * 4 and {r["policy_version"] for r in newer} == {version}
 

@@ -7,6 +7,7 @@ read them as one log in one order.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,11 @@ def shown(location: str | Path) -> str:
     return str(location)
 
 
+def is_log(location: str | Path) -> bool:
+    """Whether a reader's input names a candidate log (rather than a table of samples)."""
+    return is_postgres(location) or Path(location).is_dir() or Path(location).suffix in (".db", ".sqlite")
+
+
 def open_store(location: str | Path) -> Store:
     """The writer's store at `location`, created or migrated (SampleLogUnusable when it cannot be)."""
     if is_postgres(location):
@@ -32,7 +38,7 @@ def open_store(location: str | Path) -> Store:
     return sqlite.SQLiteStore(Path(location))
 
 
-def expand(locations: list[str | Path]) -> list[str | Path]:
+def expand(locations: Sequence[str | Path]) -> list[str | Path]:
     """Each location as the logs it names: a directory gives its `*.db` shards, sorted."""
     out: list[str | Path] = []
     for location in locations:
@@ -53,7 +59,7 @@ def expand(locations: list[str | Path]) -> list[str | Path]:
 
 
 def read_records(
-    locations: list[str | Path] | str | Path,
+    locations: Sequence[str | Path] | str | Path,
     since: float = float("-inf"),
     until: float = float("inf"),
     finished_only: bool = False,
@@ -62,7 +68,7 @@ def read_records(
     request, prompt and candidate index), JSON columns decoded; `finished_only` leaves out those
     early rejection or beam search pruned (partial texts)."""
     records = []
-    for log in expand(locations if isinstance(locations, list) else [locations]):
+    for log in expand([locations] if isinstance(locations, str | Path) else list(locations)):
         if is_postgres(log):
             records += postgres.read_records(str(log), since, until, finished_only)
         else:
@@ -70,10 +76,10 @@ def read_records(
     return sorted(records, key=canonical_order)
 
 
-def read_feedback(locations: list[str | Path] | str | Path) -> list[dict[str, Any]]:
+def read_feedback(locations: Sequence[str | Path] | str | Path) -> list[dict[str, Any]]:
     """Every feedback row of every log, its request's candidates attached."""
     out = []
-    for log in expand(locations if isinstance(locations, list) else [locations]):
+    for log in expand([locations] if isinstance(locations, str | Path) else list(locations)):
         if is_postgres(log):
             out += postgres.read_feedback(str(log))
         else:
