@@ -17,6 +17,7 @@ from conftest import Pair, start_server, stop_server
 from postgres_cluster import PASSWORD
 
 from server.log.sources import read_records
+from trainers.demo.pipeline import main as demo
 from trainers.demo.tasks import suite
 
 DEFAULT_MODELS = Path(__file__).resolve().parent.parent / "default-models"
@@ -30,7 +31,7 @@ def round_robin(servers, prompts: list[str], seed: int, concurrency: int = 4) ->
         async with httpx.AsyncClient(timeout=120) as client:
 
             async def one(index: int, prompt: str) -> dict:
-                body = {"model": "demo", "prompt": prompt, "max_tokens": 4, "best_of": 4, "temperature": 1.0,
+                body = {"model": "demo", "prompt": prompt, "max_tokens": 4, "best_of": 8, "temperature": 1.0,
                         "seed": seed + index}  # fmt: skip
                 async with gate:
                     response = await client.post(f"{servers[index % 2].url}/v1/completions", json=body)
@@ -53,16 +54,25 @@ def retrain(
         sys.executable, "-m", "bon", "retrain", "--published", str(published), "--sample-log", url,
         "--reward-model", str(DEFAULT_MODELS / "reward_model"), "--eval-prompts", str(eval_prompts),
         "--servers", ",".join(s.url for s in servers), "--notify", "watch", "--wait-seconds", "120",
-        "--min-samples", "64", "-k", "8", "--max-tokens", "4", "--epochs", "2", "--learning-rate", "2e-4",
-        "--batch-size", "16", "--torch-threads", "1", *extra,
+        "--min-samples", "64", "-k", "8", "--max-tokens", "4", "--epochs", "3", "--learning-rate", "3e-3",
+        "--batch-size", "8", "--torch-threads", "1", *extra,
     ]  # fmt: skip
     return subprocess.run(command, capture_output=True, text=True, timeout=900)
+
+
+def demo_sft_policy(directory: Path) -> Path:
+    """The SFT policy of `bon demo` at a toy size (seconds): weak enough for RAFT to improve on,
+    which the committed default policy (already three RAFT rounds in) hardly is."""
+    demo(["--output", str(directory), "--rounds", "0", "--rm-prompts", "8", "--prompts-per-task", "300",
+          "--sft-epochs", "4", "--sft-learning-rate", "1e-2", "--max-new-tokens", "3", "--rm-epochs", "1",
+          "--n", "4", "--hidden", "32", "--layers", "1"])  # fmt: skip
+    return directory / "sft"
 
 
 def test_two_replicas_one_log_a_gated_retrain_and_a_refused_one(postgres, tmp_path):
     url = postgres.database()
     published = tmp_path / "published"
-    shutil.copytree(DEFAULT_MODELS / "policy", published / "sft")
+    shutil.copytree(demo_sft_policy(tmp_path / "demo"), published / "sft")
     train, held_out = suite(seed=5, prompts_per_task=200, held_out_per_task=12)
     eval_prompts = tmp_path / "eval.jsonl"
     eval_prompts.write_text("".join(json.dumps({"prompt": item.prompt}) + "\n" for item in held_out))
@@ -82,7 +92,7 @@ def test_two_replicas_one_log_a_gated_retrain_and_a_refused_one(postgres, tmp_pa
         time.sleep(1.2)  # past the flush interval: everything acknowledged is committed
         records = read_records(url)
         assert {r["replica"] for r in records} == {"replica-a", "replica-b"}
-        assert len(records) == 48 * 4 and len({r["request_id"] for r in records}) == 48
+        assert len(records) == 48 * 8 and len({r["request_id"] for r in records}) == 48
         assert {r["request_id"] for r in records} == {answer["id"] for answer in first}
         before = served_versions(servers)
 
@@ -90,7 +100,7 @@ def test_two_replicas_one_log_a_gated_retrain_and_a_refused_one(postgres, tmp_pa
         assert done.returncode == 0, done.stderr
         summary = json.loads(done.stdout)
         result = summary["result"]
-        assert result["published"] and summary["data"]["samples"] == 48 * 4
+        assert result["published"] and summary["data"]["samples"] == 48 * 8
         assert set(result["replicas"].values()) == {"serves it"}
         version = result["version"]
         assert served_versions(servers) == [version, version] != before
@@ -103,7 +113,7 @@ def test_two_replicas_one_log_a_gated_retrain_and_a_refused_one(postgres, tmp_pa
         round_robin(servers, [item.prompt for item in train[48:96]], seed=1000)
         time.sleep(1.2)
         newer = [r for r in read_records(url) if r["created"] > manifest["window"]["until"]]
-        assert len(newer) == 48 * 4 and {r["policy_version"] for r in newer} == {version}
+        assert len(newer) == 48 * 8 and {r["policy_version"] for r in newer} == {version}
 
         refused = retrain(published, url, eval_prompts, servers, "--min-win-rate", "0.99")
         assert refused.returncode == 3, refused.stderr
