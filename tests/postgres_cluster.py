@@ -5,7 +5,7 @@ server refuses to run as root, so when the tests do, it runs as the `postgres` u
 Password authentication over TCP, as a deployment has it; the tests' own administration goes over
 the Unix socket. bon connects as `bon`, an ordinary role that owns each database it is given.
 
-Absent PostgreSQL the tests that need it skip, unless BON_REQUIRE_POSTGRES=1 (CI) makes it a failure.
+Absent PostgreSQL the tests that need it skip, unless BON_REQUIRE_TOOLS=1 (CI) makes it a failure.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ class PostgresCluster:
         initdb, pg_ctl, psql = _binary("initdb"), _binary("pg_ctl"), _binary("psql")
         if not (initdb and pg_ctl and psql):
             message = "PostgreSQL (initdb, pg_ctl, psql) is not installed: apt-get install postgresql"
-            if os.environ.get("BON_REQUIRE_POSTGRES") == "1":
+            if os.environ.get("BON_REQUIRE_TOOLS") == "1":
                 pytest.fail(message)
             pytest.skip(message)
         self.pg_ctl, self.psql = pg_ctl, psql
