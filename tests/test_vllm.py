@@ -9,12 +9,13 @@ from __future__ import annotations
 import asyncio
 import shutil
 import signal
+import subprocess
 import time
 
 import httpx
 import psutil
 import pytest
-from conftest import Pair, start_server, stop_server
+from conftest import Pair, serve_command, start_server, stop_server
 from reference import chat_reward, completion_reward
 
 from bon.tiny_models import build_model, tokenizer_b
@@ -44,7 +45,12 @@ def vllm_metric(server, name: str, **labels) -> float:
 @pytest.mark.parametrize(("engine", "reward_engine"), [("vllm", "transformers"), ("transformers", "vllm")])
 def test_mixed_engine_pairs_score_like_an_independent_forward(models, tmp_path, engine, reward_engine):
     pair = Pair(models["llama_policy"], models["gpt2_rm_plain"])  # different tokenizers and architectures
-    server = start_server(pair, tmp_path, "--engine", engine, "--reward-engine", reward_engine)
+    # Parallel sizes and any other engine argument reach vLLM (size 1: all a CPU runs).
+    parallel = ["--vllm-tensor-parallel-size", "1", "--vllm-data-parallel-size", "1",
+                "--vllm-reward-tensor-parallel-size", "1", "--vllm-reward-data-parallel-size", "1",
+                "--vllm-engine-args", '{"seed": 4242}',
+                "--vllm-reward-engine-args", '{"seed": 4343}']  # fmt: skip
+    server = start_server(pair, tmp_path, "--engine", engine, "--reward-engine", reward_engine, *parallel)
     try:
         first = complete(server, seed=11, best_of=4, return_candidates=True)
         again = complete(server, seed=11, best_of=4, return_candidates=True)
@@ -61,6 +67,11 @@ def test_mixed_engine_pairs_score_like_an_independent_forward(models, tmp_path, 
         ).json()
     finally:
         stop_server(server)
+    # vLLM's own account of the engine it built ("Initializing a V1 LLM engine ... with config:").
+    configs = [line for line in server.output().splitlines() if "with config:" in line]
+    [config] = configs
+    assert "tensor_parallel_size=1" in config and "data_parallel_size=1" in config
+    assert ("seed=4242" if engine == "vllm" else "seed=4343") in config
     assert texts(first) == texts(again)
     for candidate in first["candidates"]:
         expected = completion_reward(pair.reward_model, "the cat runs", candidate["text"])
@@ -233,3 +244,25 @@ def test_bon_score_and_bon_generate_run_on_vllm(models, tmp_path):
     for record in records[:6]:
         expected = completion_reward(rm, record["prompt"], record["completion"])
         assert record["reward"] == pytest.approx(expected, rel=1e-4, abs=1e-5)
+
+
+def test_parallel_sizes_and_engine_arguments_are_handed_to_vllm(tmp_path):
+    from server.engines.vllm import VLLMOptions, engine_args
+
+    options = VLLMOptions("auto", 0.4, 1.0, True, 8, tensor_parallel_size=4, data_parallel_size=2,
+                          engine_args={"max_num_seqs": 64, "enable_prefix_caching": False})  # fmt: skip
+    args = engine_args(tmp_path, "float32", 128, False, options)
+    assert (args.tensor_parallel_size, args.data_parallel_size, args.max_num_seqs) == (4, 2, 64)
+    assert args.enable_prefix_caching is False  # the user's word wins over bon's default
+    assert options.unknown_engine_args() == []
+    assert VLLMOptions(
+        "auto", 0.4, None, True, 8, engine_args={"max_num_sequences": 1}
+    ).unknown_engine_args() == ["max_num_sequences"]
+
+
+def test_an_unknown_vllm_engine_argument_stops_bon_serve_naming_it(models, tmp_path):
+    pair = Pair(models["llama_policy"], models["llama_rm"])
+    command = [*serve_command(pair, "--engine", "vllm", "--vllm-engine-args", '{"max_num_sequences": 1}')]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2
+    assert "--vllm-engine-args: max_num_sequences is not an argument" in done.stderr
