@@ -36,7 +36,7 @@ TINY ?= models/tiny
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: install install-vllm serve test test-vllm bench bench-cli bench-vllm bench-vllm-reload bench-score bench-ensemble bench-prefix bench-late bench-early-rejection bench-health demo default-models lint typecheck lint-docker clean
+.PHONY: install install-vllm serve test test-postgres test-vllm bench bench-cli bench-vllm bench-vllm-reload bench-score bench-ensemble bench-prefix bench-late bench-early-rejection bench-health bench-fleet demo default-models lint typecheck lint-docker clean
 
 install: $(INSTALLED)
 
@@ -68,6 +68,12 @@ default-models: $(INSTALLED)
 
 test: $(INSTALLED)
 	$(PY) -m pytest -q
+
+# The serving, durability and reload suites again, every server they start logging to a
+# PostgreSQL database of a cluster the tests start (Debian's postgresql; CI installs it).
+POSTGRES_TESTS ?= tests/test_api.py tests/test_durability.py tests/test_reload_feedback.py
+test-postgres: $(INSTALLED)
+	BON_TEST_SAMPLE_LOG=postgresql BON_REQUIRE_TOOLS=1 $(PY) -m pytest -q $(POSTGRES_TESTS)
 
 install-vllm: $(INSTALLED_VLLM)
 
@@ -126,6 +132,11 @@ bench-cli: $(INSTALLED)
 
 bench-health: $(TINY)/.built
 	$(PY) benchmarks/health_under_load.py --policy $(TINY)/policy --reward-model $(TINY)/reward_model
+
+# What sizes a fleet: the candidate log's commit rate to PostgreSQL and SQLite, rows and bytes
+# per request, one replica's memory (README, Running a fleet). Needs Debian's postgresql.
+bench-fleet: $(INSTALLED)
+	$(PY) benchmarks/fleet_log.py
 
 # A vLLM policy reload two ways (fresh engine, in-place reload_weights), timed and checked.
 bench-vllm-reload: $(INSTALLED_VLLM)

@@ -50,6 +50,15 @@ def test_bad_flag_value_names_the_flag(models):
     assert "--max-best-of" in message
 
 
+@pytest.mark.parametrize(
+    ("value", "says"),
+    [("{not json", "not JSON"), ("[1, 2]", "a JSON object"), ('{"model": "x"}', "model is bon's to set")],
+)
+def test_a_bad_vllm_engine_args_value_names_the_flag(models, value, says):
+    message = serve_fails(Pair(models["gpt2_policy"], models["llama_rm"]), "--vllm-engine-args", value)
+    assert "--vllm-engine-args" in message and says in message
+
+
 def test_config_is_logged_with_secrets_redacted(server, server_b):
     for s, keys in ((server, API_KEYS), (server_b, ("env-key",))):
         output = s.output()

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import httpx
 from conftest import Pair, start_server, stop_server
-from postgres_cluster import PASSWORD
 
+from bon.local_postgres import PASSWORD
 from server.log.sources import read_records
 from trainers.demo.pipeline import main as demo
 from trainers.demo.tasks import suite

@@ -1,4 +1,4 @@
-"""The candidate log in a real PostgreSQL (tests/postgres_cluster.py): what a fleet relies on.
+"""The candidate log in a real PostgreSQL (bon/local_postgres.py): what a fleet relies on.
 
 The server suites also run whole against PostgreSQL (`make test-postgres`); these are the promises
 only a shared database has: replica ids, a database restarting under a serving replica, every
@@ -19,9 +19,9 @@ import httpx
 import openai
 import pytest
 from conftest import serve_command, start_server, stop_server, wait_ready
-from postgres_cluster import PASSWORD, SUPERUSER_PASSWORD
 from safetensors.torch import load_file
 
+from bon.local_postgres import PASSWORD, SUPERUSER_PASSWORD
 from server.log.records import CompletionRecord, RequestRecord
 from server.log.sample_log import SampleLog
 from server.log.sources import open_store, read_feedback, read_records
@@ -250,3 +250,21 @@ def test_export_and_eval_read_postgres_and_shards_alike(postgres, tmp_path):
         outputs.append((exported.read_text(), report["policies"]))
     assert outputs[0] == outputs[1]
     assert len(outputs[0][0].splitlines()) == 24
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("postgresql://bon:p%40ss@db:5432/bon", "postgresql://bon:***@db:5432/bon"),
+        (
+            "postgresql://db/bon?sslmode=require&password=pw&x=1",
+            "postgresql://db/bon?sslmode=require&password=***&x=1",
+        ),
+        ("postgres:///bon?password=pw", "postgres:///bon?password=***"),
+        ("postgresql://bon@db/bon", "postgresql://bon@db/bon"),
+    ],
+)
+def test_a_database_url_is_shown_without_its_password(url, shown):
+    from server.log.sources import shown as shown_location
+
+    assert shown_location(url) == shown

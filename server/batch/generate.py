@@ -176,5 +176,10 @@ async def run(args) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = generate_parser().parse_args(argv)
+    if str(args.sample_log).startswith("postgres"):  # resuming reads the file back
+        raise BadInput(
+            "bon generate writes a SQLite file (--sample-log FILE.db); the readers take it beside a "
+            "PostgreSQL log (--sample-log repeated)"
+        )
     apply_torch_threads(args.torch_threads)
     return asyncio.run(run(args))

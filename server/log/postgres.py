@@ -14,8 +14,9 @@ database restarting) is the writer's to survive: the store reconnects on the nex
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import psycopg
 from psycopg.rows import dict_row
@@ -95,12 +96,11 @@ MIGRATION_LOCK = 0x626F6E  # "bon": replicas starting together take turns at the
 
 
 def redacted(url: str) -> str:
-    """The URL without its password, for every message and log line."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.netloc.rsplit("@", 1)[1]
-    return urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}"))
+    """The URL without its password (in the authority or as ?password=), for every message."""
+    password = urlsplit(url).password  # as written in the URL (urlsplit does not unquote)
+    if password is not None:
+        url = url.replace(f":{password}@", ":***@", 1)
+    return re.sub(r"([?&])password=[^&]*", r"\1password=***", url)
 
 
 def _utf8(text: str) -> bytes:

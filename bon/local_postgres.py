@@ -1,11 +1,10 @@
-"""A real PostgreSQL server for the tests: a fresh cluster in a temporary directory.
+"""A throwaway PostgreSQL server for the tests and the fleet benchmark: a fresh cluster in a
+temporary directory, on a free port.
 
 Debian's `postgresql` package gives `initdb` and `pg_ctl` (under /usr/lib/postgresql/N/bin). The
-server refuses to run as root, so when the tests do, it runs as the `postgres` user (or `nobody`).
-Password authentication over TCP, as a deployment has it; the tests' own administration goes over
-the Unix socket. bon connects as `bon`, an ordinary role that owns each database it is given.
-
-Absent PostgreSQL the tests that need it skip, unless BON_REQUIRE_TOOLS=1 (CI) makes it a failure.
+server refuses to run as root, so when we are root it runs as the `postgres` user (or `nobody`).
+Password authentication over TCP, as a deployment has it; administration goes over the Unix
+socket. bon connects as `bon`, an ordinary role that owns each database it is given.
 """
 
 from __future__ import annotations
@@ -20,8 +19,6 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
-
-import pytest
 
 ROLE, PASSWORD = "bon", "s3cret-pw"
 SUPERUSER_PASSWORD = "super-s3cret"
@@ -41,16 +38,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+class PostgresMissing(RuntimeError):
+    """No PostgreSQL server binaries on this machine."""
+
+
 class PostgresCluster:
     """initdb, start, stop, and databases owned by the `bon` role."""
 
     def __init__(self):
         initdb, pg_ctl, psql = _binary("initdb"), _binary("pg_ctl"), _binary("psql")
         if not (initdb and pg_ctl and psql):
-            message = "PostgreSQL (initdb, pg_ctl, psql) is not installed: apt-get install postgresql"
-            if os.environ.get("BON_REQUIRE_TOOLS") == "1":
-                pytest.fail(message)
-            pytest.skip(message)
+            raise PostgresMissing(
+                "PostgreSQL (initdb, pg_ctl, psql) is not installed: apt-get install postgresql"
+            )
         self.pg_ctl, self.psql = pg_ctl, psql
         self.user = None
         if os.geteuid() == 0:
