@@ -120,7 +120,7 @@ def test_second_pair_qwen2_policy_and_templateless_gpt2_rm(client_b, server_b, p
         )
         assert candidate["reward"] == pytest.approx(expected, abs=1e-4)
     rows = logged(server_b, response.id)
-    assert rows and rows[0]["prompt"][0]["role"] == "user"  # chat prompts are logged as messages
+    assert rows and rows[0]["prompt"][-1]["role"] == "user"  # chat prompts are logged as messages
 
 
 def test_prompt_list_returns_n_choices_per_prompt(client, server):

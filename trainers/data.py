@@ -11,9 +11,12 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from server.process_reward import split_steps
+
+if TYPE_CHECKING:
+    from server.log.sources import Locations
 
 Prompt = str | list[dict[str, str]]
 
@@ -133,7 +136,7 @@ def load_preferences(paths: list[Path]) -> list[PreferenceGroup]:
     return groups
 
 
-def load_feedback(sample_log: list[str]) -> list[PreferenceGroup]:
+def load_feedback(sample_log: Locations) -> list[PreferenceGroup]:
     """Comparisons collected by `POST /v1/feedback`, as groups over the ranked candidates."""
     from server.log.sources import read_feedback
 

@@ -38,7 +38,7 @@ from server.checkpoints import checkpoint_dir, model_version
 from server.engines.contract import Candidate, SampleRequest, SamplingParams
 from server.engines.hf.decoding import generate
 from server.engines.hf.models import HFPolicy, load_policy, load_reward_model
-from server.log.sources import read_records, shown
+from server.log.sources import Locations, listed, read_records, shown
 from server.prompts import Prompt as ServedPrompt
 from server.prompts import make_prompt, reward_input
 from server.reward import read_reward_model
@@ -158,7 +158,7 @@ def parent_window_end(policy: Path) -> float:
     return 0.0
 
 
-def samples_from_log(sample_log: list[str], since: float, until: float) -> list[Sample]:
+def samples_from_log(sample_log: Locations, since: float, until: float) -> list[Sample]:
     # Pruned candidates are partial texts: never a target to fine-tune on.
     records = read_records(sample_log, since, until, finished_only=True)
     return [Sample(r["prompt"], r["completion"], r["reward"]) for r in records]
@@ -244,7 +244,7 @@ def raft_from_log(
 def raft_on_window(
     policy: Path,
     all_samples: list[Sample],
-    sample_log: list[str],
+    sample_log: Locations,
     window: tuple[float, float],
     output: Path,
     args: TrainArgs,
@@ -265,7 +265,7 @@ def raft_on_window(
         all_samples,
         kept,
         mode="log",
-        sample_log=[shown(location) for location in sample_log],
+        sample_log=[shown(location) for location in listed(sample_log)],
         window={"since": since, "until": until},
     )
     examples = [SFTExample(s.prompt, s.completion) for s in kept]

@@ -111,7 +111,7 @@ async def run(args) -> dict[str, Any]:
     settings = Settings(
         policy=args.policy, reward_model=args.reward_model, device=args.device, dtype=args.dtype,
         max_best_of=args.best_of, max_batch_tokens=args.max_batch_tokens,
-        max_queued_prompts=args.window, sample_log=args.sample_log, **engines,
+        max_queued_prompts=args.window, sample_log=str(args.sample_log), **engines,
     )  # fmt: skip
     service = await start_service(
         settings,

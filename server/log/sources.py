@@ -38,10 +38,17 @@ def open_store(location: str | Path) -> Store:
     return sqlite.SQLiteStore(Path(location))
 
 
-def expand(locations: Sequence[str | Path]) -> list[str | Path]:
+Locations = Sequence[str | Path] | str | Path  # one location, or several read as one log
+
+
+def listed(locations: Locations) -> list[str | Path]:
+    return [locations] if isinstance(locations, str | Path) else list(locations)
+
+
+def expand(locations: Locations) -> list[str | Path]:
     """Each location as the logs it names: a directory gives its `*.db` shards, sorted."""
     out: list[str | Path] = []
-    for location in locations:
+    for location in listed(locations):
         if is_postgres(location):
             out.append(str(location))
             continue
@@ -59,7 +66,7 @@ def expand(locations: Sequence[str | Path]) -> list[str | Path]:
 
 
 def read_records(
-    locations: Sequence[str | Path] | str | Path,
+    locations: Locations,
     since: float = float("-inf"),
     until: float = float("inf"),
     finished_only: bool = False,
@@ -68,7 +75,7 @@ def read_records(
     request, prompt and candidate index), JSON columns decoded; `finished_only` leaves out those
     early rejection or beam search pruned (partial texts)."""
     records = []
-    for log in expand([locations] if isinstance(locations, str | Path) else list(locations)):
+    for log in expand(locations):
         if is_postgres(log):
             records += postgres.read_records(str(log), since, until, finished_only)
         else:
@@ -76,10 +83,10 @@ def read_records(
     return sorted(records, key=canonical_order)
 
 
-def read_feedback(locations: Sequence[str | Path] | str | Path) -> list[dict[str, Any]]:
+def read_feedback(locations: Locations) -> list[dict[str, Any]]:
     """Every feedback row of every log, its request's candidates attached."""
     out = []
-    for log in expand([locations] if isinstance(locations, str | Path) else list(locations)):
+    for log in expand(locations):
         if is_postgres(log):
             out += postgres.read_feedback(str(log))
         else:
