@@ -54,8 +54,8 @@ def test_a_commit_that_fails_is_kept_and_retried(tmp_path):
     sample_log.append(record("first"))
     sample_log.flush()
     # SQLite's own "database or disk is full": the file may not grow past its current pages.
-    pages = sample_log._connection.execute("PRAGMA page_count").fetchone()[0]
-    sample_log._connection.execute(f"PRAGMA max_page_count = {pages}")
+    pages = sample_log._store._connection.execute("PRAGMA page_count").fetchone()[0]
+    sample_log._store._connection.execute(f"PRAGMA max_page_count = {pages}")
     for i in range(50):
         sample_log.append(record(f"r{i}", text="x" * 4000))
     deadline = time.monotonic() + 10
@@ -64,7 +64,7 @@ def test_a_commit_that_fails_is_kept_and_retried(tmp_path):
     assert sample_log.failing is not None and "full" in sample_log.failing
     with pytest.raises(Exception, match="cannot commit"):
         asyncio.run(sample_log.append_when_room(record("refused"), 0.1))
-    sample_log._connection.execute("PRAGMA max_page_count = 1073741823")  # room again
+    sample_log._store._connection.execute("PRAGMA max_page_count = 1073741823")  # room again
     sample_log.flush()
     assert sample_log.failing is None
     sample_log.close()

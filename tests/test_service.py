@@ -319,9 +319,14 @@ def test_a_log_without_the_pruned_column_gains_it_and_raft_reads_only_finished_c
         "    generated_tokens INTEGER          -- beam search: tokens decoded for this expansion alone\n",
         "    created REAL NOT NULL\n",
     ).replace(
-        ", c.created, c.pruned,\n       c.rewards, c.step_rewards, c.generated_tokens\n", ", c.created\n"
+        ", c.created, c.pruned,\n       c.rewards, c.step_rewards, c.generated_tokens, r.replica\n",
+        ", c.created\n",
+    ).replace(
+        "    created REAL NOT NULL,            -- unix time, seconds\n"
+        "    replica TEXT NOT NULL DEFAULT ''  -- the server that wrote it (--replica-id)\n",
+        "    created REAL NOT NULL             -- unix time, seconds\n",
     )
-    assert "pruned" not in older and "rewards TEXT" not in older
+    assert "pruned" not in older and "rewards TEXT" not in older and "replica" not in older
     db = sqlite3.connect(path)
     db.executescript(older)
     db.execute("INSERT INTO requests VALUES ('a', '{}', '/p', 'v1', '/rm', 'v2', 10.0)")
@@ -334,7 +339,7 @@ def test_a_log_without_the_pruned_column_gains_it_and_raft_reads_only_finished_c
     db.commit()
     db.close()
     [old] = read_records(path)
-    assert (old["completion"], old["pruned"], old["rewards"]) == (" sat", False, None)
+    assert (old["completion"], old["pruned"], old["rewards"], old["replica"]) == (" sat", False, None, "")
 
     log = SampleLog(path)
     log.append(
