@@ -101,7 +101,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--requests", type=int, default=2000, help="per writer")
+    parser.add_argument("--requests", type=int, default=10000, help="per writer")
     parser.add_argument("--best-of", type=int, default=8)
     parser.add_argument("--chars", type=int, default=400, help="characters per completion")
     parser.add_argument("--output", type=Path, default=ROOT / "bench-results/fleet_log.json")
@@ -120,7 +120,9 @@ def main() -> None:
         database = shared.rsplit("/", 1)[1]
         rows = {table: int(cluster.sql(f"SELECT count(*) FROM {table}", database))
                 for table in ("requests", "prompts", "completions")}  # fmt: skip
-        size = int(cluster.sql(f"SELECT pg_database_size('{database}')", database))
+        size = int(cluster.sql(  # the log's own tables, indexes and TOAST, not the catalogs
+            "SELECT sum(pg_total_relation_size(oid)) FROM pg_class "
+            "WHERE relname IN ('requests', 'prompts', 'completions')", database))  # fmt: skip
         results["per_request"] = {
             "rows": {table: count / rows["requests"] for table, count in rows.items()},
             "postgresql_bytes": round(size / rows["requests"]),
