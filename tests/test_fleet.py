@@ -20,6 +20,7 @@ from server.log.sources import read_records
 from trainers.demo.pipeline import main as demo
 from trainers.demo.tasks import suite
 
+FIRST = 48  # requests in the first window: what the first round trains on
 DEFAULT_MODELS = Path(__file__).resolve().parent.parent / "default-models"
 
 
@@ -54,7 +55,7 @@ def retrain(
         sys.executable, "-m", "bon", "retrain", "--published", str(published), "--sample-log", url,
         "--reward-model", str(DEFAULT_MODELS / "reward_model"), "--eval-prompts", str(eval_prompts),
         "--servers", ",".join(s.url for s in servers), "--notify", "watch", "--wait-seconds", "120",
-        "--min-samples", "64", "-k", "8", "--max-tokens", "4", "--epochs", "3", "--learning-rate", "3e-3",
+        "--min-samples", "64", "-k", "16", "--max-tokens", "4", "--epochs", "4", "--learning-rate", "5e-3",
         "--batch-size", "8", "--torch-threads", "1", *extra,
     ]  # fmt: skip
     return subprocess.run(command, capture_output=True, text=True, timeout=900)
@@ -73,7 +74,7 @@ def test_two_replicas_one_log_a_gated_retrain_and_a_refused_one(postgres, tmp_pa
     url = postgres.database()
     published = tmp_path / "published"
     shutil.copytree(demo_sft_policy(tmp_path / "demo"), published / "sft")
-    train, held_out = suite(seed=5, prompts_per_task=200, held_out_per_task=12)
+    train, held_out = suite(seed=5, prompts_per_task=200, held_out_per_task=24)
     eval_prompts = tmp_path / "eval.jsonl"
     eval_prompts.write_text("".join(json.dumps({"prompt": item.prompt}) + "\n" for item in held_out))
     pair = Pair(published / "sft", DEFAULT_MODELS / "reward_model")
@@ -88,11 +89,11 @@ def test_two_replicas_one_log_a_gated_retrain_and_a_refused_one(postgres, tmp_pa
 
     servers = [replica("replica-a"), replica("replica-b")]
     try:
-        first = round_robin(servers, [item.prompt for item in train[:48]], seed=0)
+        first = round_robin(servers, [item.prompt for item in train[:FIRST]], seed=0)
         time.sleep(1.2)  # past the flush interval: everything acknowledged is committed
         records = read_records(url)
         assert {r["replica"] for r in records} == {"replica-a", "replica-b"}
-        assert len(records) == 48 * 8 and len({r["request_id"] for r in records}) == 48
+        assert len(records) == FIRST * 8 and len({r["request_id"] for r in records}) == FIRST
         assert {r["request_id"] for r in records} == {answer["id"] for answer in first}
         before = served_versions(servers)
 
@@ -100,7 +101,7 @@ def test_two_replicas_one_log_a_gated_retrain_and_a_refused_one(postgres, tmp_pa
         assert done.returncode == 0, done.stderr
         summary = json.loads(done.stdout)
         result = summary["result"]
-        assert result["published"] and summary["data"]["samples"] == 48 * 8
+        assert result["published"] and summary["data"]["samples"] == FIRST * 8
         assert set(result["replicas"].values()) == {"serves it"}
         version = result["version"]
         assert served_versions(servers) == [version, version] != before
@@ -110,7 +111,7 @@ def test_two_replicas_one_log_a_gated_retrain_and_a_refused_one(postgres, tmp_pa
         assert all(gate["passed"] for gate in manifest["retrain"]["gates"])
 
         # The next window: served by the new checkpoint, on both replicas.
-        round_robin(servers, [item.prompt for item in train[48:96]], seed=1000)
+        round_robin(servers, [item.prompt for item in train[FIRST : FIRST + 48]], seed=1000)
         time.sleep(1.2)
         newer = [r for r in read_records(url) if r["created"] > manifest["window"]["until"]]
         assert len(newer) == 48 * 8 and {r["policy_version"] for r in newer} == {version}
