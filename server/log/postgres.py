@@ -14,9 +14,7 @@ database restarting) is the writer's to survive: the store reconnects on the nex
 from __future__ import annotations
 
 import logging
-import re
 from typing import Any
-from urllib.parse import urlsplit
 
 import psycopg
 from psycopg.rows import dict_row
@@ -35,6 +33,7 @@ from server.log.records import (
     decoded,
     feedback_entry,
 )
+from server.log.sources import redacted
 
 log = logging.getLogger(__name__)
 
@@ -93,14 +92,6 @@ CREATE TABLE IF NOT EXISTS feedback (
 """
 
 MIGRATION_LOCK = 0x626F6E  # "bon": replicas starting together take turns at the schema
-
-
-def redacted(url: str) -> str:
-    """The URL without its password (in the authority or as ?password=), for every message."""
-    password = urlsplit(url).password  # as written in the URL (urlsplit does not unquote)
-    if password is not None:
-        url = url.replace(f":{password}@", ":***@", 1)
-    return re.sub(r"([?&])password=[^&]*", r"\1password=***", url)
 
 
 def _utf8(text: str) -> bytes:

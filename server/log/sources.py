@@ -7,23 +7,34 @@ read them as one log in one order.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
-from server.log import postgres, sqlite
+from server.log import sqlite
 from server.log.records import Store, canonical_order
+
+# psycopg is imported only where a database is used: importing it costs every `bon` command,
+# `--help` included, a third of a second.
 
 
 def is_postgres(location: str | Path) -> bool:
     return str(location).startswith(("postgresql://", "postgres://"))
 
 
+def redacted(url: str) -> str:
+    """A database URL without its password (in the authority or as ?password=)."""
+    password = urlsplit(url).password  # as written in the URL (urlsplit does not unquote)
+    if password is not None:
+        url = url.replace(f":{password}@", ":***@", 1)
+    return re.sub(r"([?&])password=[^&]*", r"\1password=***", url)
+
+
 def shown(location: str | Path) -> str:
     """A location as messages and manifests show it: a database URL without its password."""
-    if is_postgres(location):
-        return postgres.redacted(str(location))
-    return str(location)
+    return redacted(str(location)) if is_postgres(location) else str(location)
 
 
 def is_log(location: str | Path) -> bool:
@@ -34,7 +45,9 @@ def is_log(location: str | Path) -> bool:
 def open_store(location: str | Path) -> Store:
     """The writer's store at `location`, created or migrated (SampleLogUnusable when it cannot be)."""
     if is_postgres(location):
-        return postgres.PostgresStore(str(location))
+        from server.log.postgres import PostgresStore
+
+        return PostgresStore(str(location))
     return sqlite.SQLiteStore(Path(location))
 
 
@@ -77,6 +90,8 @@ def read_records(
     records = []
     for log in expand(locations):
         if is_postgres(log):
+            from server.log import postgres
+
             records += postgres.read_records(str(log), since, until, finished_only)
         else:
             records += sqlite.read_records(Path(log), since, until, finished_only)
@@ -88,6 +103,8 @@ def read_feedback(locations: Locations) -> list[dict[str, Any]]:
     out = []
     for log in expand(locations):
         if is_postgres(log):
+            from server.log import postgres
+
             out += postgres.read_feedback(str(log))
         else:
             out += sqlite.read_feedback(Path(log))
