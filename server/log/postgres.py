@@ -22,16 +22,14 @@ from psycopg.rows import dict_row
 from server.failures import SampleLogUnusable
 from server.log.records import (
     CANDIDATE_COUNTS,
-    COLUMNS,
-    COMPLETION_COLUMNS,
     FEEDBACK_CANDIDATES,
-    FEEDBACK_COLUMNS,
-    PROMPT_COLUMNS,
-    REQUEST_COLUMNS,
+    FEEDBACK_ROWS,
     FeedbackRecord,
     RequestRecord,
     decoded,
     feedback_entry,
+    records_query,
+    table_rows,
 )
 from server.log.sources import redacted
 
@@ -91,6 +89,7 @@ CREATE TABLE IF NOT EXISTS feedback (
 );
 """
 
+CONNECTION: dict[str, Any] = {"connect_timeout": 10, "application_name": "bon"}
 MIGRATION_LOCK = 0x626F6E  # "bon": replicas starting together take turns at the schema
 
 
@@ -104,7 +103,7 @@ def _text(data: bytes) -> str:
 
 def _connect(url: str, **options: Any) -> psycopg.Connection:
     try:
-        return psycopg.connect(url, connect_timeout=10, application_name="bon", **options)
+        return psycopg.connect(url, **CONNECTION, **options)
     except psycopg.Error as error:
         raise SampleLogUnusable(f"{redacted(url)}: cannot connect ({str(error).strip()})") from None
 
@@ -161,20 +160,16 @@ class PostgresStore:
 
     def _live(self) -> psycopg.Connection:
         if self._connection is None or self._connection.closed or self._connection.broken:
-            self._connection = psycopg.connect(self.url, connect_timeout=10, application_name="bon")
+            # psycopg's own errors here: a database still down is the writer's to retry.
+            self._connection = psycopg.connect(self.url, **CONNECTION)
         return self._connection
 
     def write(self, requests: list[RequestRecord], feedback: list[FeedbackRecord]) -> None:
-        completions = [(*row[:3], _utf8(row[3]), *row[4:]) for r in requests for row in r.completion_rows()]
+        tables = table_rows(requests, feedback, completion=_utf8)
         try:
             connection = self._live()
             with connection.transaction(), connection.cursor() as cursor:
-                for table, columns, rows in (
-                    ("requests", REQUEST_COLUMNS, [r.request_row() for r in requests]),
-                    ("prompts", PROMPT_COLUMNS, [row for r in requests for row in r.prompt_rows()]),
-                    ("completions", COMPLETION_COLUMNS, completions),
-                    ("feedback", FEEDBACK_COLUMNS, [f.row() for f in feedback]),
-                ):
+                for table, columns, rows in tables:
                     if rows:
                         with cursor.copy(f"COPY {table} ({', '.join(columns)}) FROM STDIN") as copy:
                             for row in rows:
@@ -210,19 +205,15 @@ def _read_connection(url: str) -> psycopg.Connection[dict[str, Any]]:
 
 def read_records(url: str, since: float, until: float, finished_only: bool) -> list[dict[str, Any]]:
     """Candidates created in (since, until], decoded as the SQLite log's are."""
-    finished = " AND NOT pruned" if finished_only else ""
     with _read_connection(url) as connection:
-        rows = connection.execute(
-            f"SELECT {', '.join(COLUMNS)} FROM candidates WHERE created > %s AND created <= %s{finished}",
-            (since, until),
-        ).fetchall()
+        rows = connection.execute(records_query(finished_only), (since, until)).fetchall()
     return [decoded({**row, "completion": _text(row["completion"])}) for row in rows]
 
 
 def read_feedback(url: str) -> list[dict[str, Any]]:
     """Every feedback row with its request's candidates (in candidate order) attached."""
     with _read_connection(url) as connection:
-        feedback = connection.execute("SELECT request_id, prompt_index, ranks FROM feedback ORDER BY id")
+        feedback = connection.execute(FEEDBACK_ROWS)
         out = []
         for row in feedback.fetchall():
             candidates = connection.execute(

@@ -7,6 +7,7 @@ the decoding of what readers get back are one, so both stores hold and return th
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -169,6 +170,34 @@ def feedback_entry(request_id: str, ranks: str, candidates) -> dict[str, Any]:
         "ranks": json.loads(ranks),
     }
 
+
+def table_rows(
+    requests: list[RequestRecord], feedback: list[FeedbackRecord], completion: Callable[[str], Any] = str
+) -> list[tuple[str, tuple[str, ...], list[tuple]]]:
+    """(table, columns, rows) of what one write holds, in the order the tables must be filled;
+    `completion` turns a completion's text into what the store keeps (PostgreSQL: its bytes)."""
+    at = COMPLETION_COLUMNS.index("completion")
+    completions = [row for r in requests for row in r.completion_rows()]
+    return [
+        ("requests", REQUEST_COLUMNS, [r.request_row() for r in requests]),
+        ("prompts", PROMPT_COLUMNS, [row for r in requests for row in r.prompt_rows()]),
+        (
+            "completions",
+            COMPLETION_COLUMNS,
+            [(*c[:at], completion(c[at]), *c[at + 1 :]) for c in completions],
+        ),
+        ("feedback", FEEDBACK_COLUMNS, [f.row() for f in feedback]),
+    ]
+
+
+def records_query(finished_only: bool) -> str:
+    """Candidates created in (%s, %s], in the readers' columns; `finished_only` leaves out the
+    partial ones (each store its placeholder)."""
+    finished = " AND NOT pruned" if finished_only else ""
+    return f"SELECT {', '.join(COLUMNS)} FROM candidates WHERE created > %s AND created <= %s{finished}"
+
+
+FEEDBACK_ROWS = "SELECT request_id, prompt_index, ranks FROM feedback ORDER BY id"
 
 # {prompt_index: candidates} of one request; %s is the request id (each store its placeholder).
 CANDIDATE_COUNTS = (

@@ -18,16 +18,14 @@ from typing import Any
 from server.failures import SampleLogUnusable
 from server.log.records import (
     CANDIDATE_COUNTS,
-    COLUMNS,
-    COMPLETION_COLUMNS,
     FEEDBACK_CANDIDATES,
-    FEEDBACK_COLUMNS,
-    PROMPT_COLUMNS,
-    REQUEST_COLUMNS,
+    FEEDBACK_ROWS,
     FeedbackRecord,
     RequestRecord,
     decoded,
     feedback_entry,
+    records_query,
+    table_rows,
 )
 
 log = logging.getLogger(__name__)
@@ -159,7 +157,8 @@ def _connect(path: Path) -> sqlite3.Connection:
         log.info("migrating candidate log %s: prompts and parameters stored once per request", path)
         connection.executescript(f"BEGIN; {MIGRATION.format(schema=SCHEMA)} COMMIT;")
     for column, table, script, why in ADDED_COLUMNS:
-        if column not in _columns(connection, table) and _columns(connection, table):
+        columns = _columns(connection, table)
+        if columns and column not in columns:
             log.info("migrating candidate log %s: %s", path, why)
             connection.executescript(f"BEGIN; {script} COMMIT;")
     connection.executescript(SCHEMA)
@@ -197,12 +196,8 @@ def read_records(path: Path, since: float, until: float, finished_only: bool) ->
     whole history of the log.
     """
     connection = _read_only(path)
-    finished = " AND pruned = 0" if finished_only else ""
     try:
-        rows = connection.execute(
-            f"SELECT {', '.join(COLUMNS)} FROM candidates WHERE created > ? AND created <= ?{finished}",
-            (since, until),
-        ).fetchall()
+        rows = connection.execute(records_query(finished_only).replace("%s", "?"), (since, until)).fetchall()
     finally:
         connection.close()
     return [decoded(dict(row)) for row in rows]
@@ -213,7 +208,7 @@ def read_feedback(path: Path) -> list[dict[str, Any]]:
     connection = _read_only(path)
     candidates = FEEDBACK_CANDIDATES.replace("%s", "?")
     try:
-        feedback = connection.execute("SELECT request_id, prompt_index, ranks FROM feedback ORDER BY id")
+        feedback = connection.execute(FEEDBACK_ROWS)
         return [
             feedback_entry(request_id, ranks, connection.execute(candidates, (request_id, index)))
             for request_id, index, ranks in feedback.fetchall()
@@ -246,12 +241,7 @@ class SQLiteStore:
 
     def write(self, requests: list[RequestRecord], feedback: list[FeedbackRecord]) -> None:
         with self._connection:
-            for table, columns, rows in (
-                ("requests", REQUEST_COLUMNS, [r.request_row() for r in requests]),
-                ("prompts", PROMPT_COLUMNS, [row for r in requests for row in r.prompt_rows()]),
-                ("completions", COMPLETION_COLUMNS, [row for r in requests for row in r.completion_rows()]),
-                ("feedback", FEEDBACK_COLUMNS, [f.row() for f in feedback]),
-            ):
+            for table, columns, rows in table_rows(requests, feedback):
                 self._connection.executemany(_insert(table, columns), rows)
 
     def candidate_counts(self, request_id: str) -> dict[int, int]:
