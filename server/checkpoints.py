@@ -27,17 +27,24 @@ PROBE_PROMPT, PROBE_COMPLETION = "Hello", " world"
 DTYPES = {"auto": "auto", "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
+# What a RAFT run writes beside its checkpoint: version, parent, window, counts, evaluation.
+MANIFEST = "raft_manifest.json"
+
+
+def raft_manifest(path: Path) -> dict:
+    """A checkpoint's RAFT manifest; {} when it has none (an SFT policy, a model from elsewhere)."""
+    manifest = path / MANIFEST
+    return json.loads(manifest.read_text()) if manifest.is_file() else {}
+
+
 def model_version(path: Path) -> str:
     """A short, stable identity of a checkpoint's files (names, sizes, modification times).
 
     A RAFT manifest's own version wins when present. Hashing the weights themselves would be exact
     but reads gigabytes at every start; a new checkpoint is a new directory anyway.
     """
-    manifest = path / "raft_manifest.json"
-    if manifest.is_file():
-        version = json.loads(manifest.read_text()).get("version")
-        if version:
-            return str(version)
+    if version := raft_manifest(path).get("version"):
+        return str(version)
     digest = hashlib.sha256()
     for file in sorted(p for p in path.rglob("*") if p.is_file()):
         stat = file.stat()
@@ -47,12 +54,8 @@ def model_version(path: Path) -> str:
 
 def published_at(path: Path) -> float:
     """When a checkpoint was made: its RAFT manifest's time, else its directory's."""
-    manifest = path / "raft_manifest.json"
-    if manifest.is_file():
-        created = json.loads(manifest.read_text()).get("created")
-        if isinstance(created, int | float):
-            return float(created)
-    return path.stat().st_mtime
+    created = raft_manifest(path).get("created")
+    return float(created) if isinstance(created, int | float) else path.stat().st_mtime
 
 
 def newest_checkpoint(directory: Path) -> Path | None:

@@ -311,25 +311,22 @@ def test_a_log_without_the_pruned_column_gains_it_and_raft_reads_only_finished_c
     from server.log.sqlite import SCHEMA
 
     path = tmp_path / "before_early_rejection.db"
-    older = (
-        SCHEMA.replace(
-            "    created REAL NOT NULL,            -- the request's, repeated for the time-window index\n"
-            "    pruned INTEGER NOT NULL DEFAULT 0, -- a partial answer (early rejection, beam search)\n"
-            "    rewards TEXT,                     -- JSON {member: raw reward}; reward is their combination\n"
-            "    step_rewards TEXT,                -- JSON [score per step] from a process reward model\n"
-            "    generated_tokens INTEGER          -- beam search: tokens decoded for this expansion alone\n",
-            "    created REAL NOT NULL\n",
-        )
-        .replace(
-            ", c.created, c.pruned,\n       c.rewards, c.step_rewards, c.generated_tokens, r.replica\n",
-            ", c.created\n",
-        )
-        .replace(
-            "    created REAL NOT NULL,            -- unix time, seconds\n"
-            "    replica TEXT NOT NULL DEFAULT ''  -- the server that wrote it (--replica-id)\n",
-            "    created REAL NOT NULL             -- unix time, seconds\n",
-        )
-    )
+    # The layout before early rejection: the later columns, and the view's share of them, cut out.
+    older = SCHEMA
+    for now, before in [
+        ("    created REAL NOT NULL,            -- the request's, repeated for the time-window index\n"
+         "    pruned INTEGER NOT NULL DEFAULT 0, -- a partial answer (early rejection, beam search)\n"
+         "    rewards TEXT,                     -- JSON {member: raw reward}; reward is their combination\n"
+         "    step_rewards TEXT,                -- JSON [score per step] from a process reward model\n"
+         "    generated_tokens INTEGER          -- beam search: tokens decoded for this expansion alone\n",
+         "    created REAL NOT NULL\n"),
+        (", c.created, c.pruned,\n       c.rewards, c.step_rewards, c.generated_tokens, r.replica\n",
+         ", c.created\n"),
+        ("    created REAL NOT NULL,            -- unix time, seconds\n"
+         "    replica TEXT NOT NULL DEFAULT ''  -- the server that wrote it (--replica-id)\n",
+         "    created REAL NOT NULL             -- unix time, seconds\n"),
+    ]:  # fmt: skip
+        older = older.replace(now, before)
     assert "pruned" not in older and "rewards TEXT" not in older and "replica" not in older
     db = sqlite3.connect(path)
     db.executescript(older)

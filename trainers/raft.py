@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from server.checkpoints import checkpoint_dir, model_version
+from server.checkpoints import MANIFEST, checkpoint_dir, model_version, raft_manifest
 from server.engines.contract import Candidate, SampleRequest, SamplingParams
 from server.engines.hf.decoding import generate
 from server.engines.hf.models import HFPolicy, load_policy, load_reward_model
@@ -47,8 +47,6 @@ from trainers.arguments import TrainArgs, raft_parser, train_args
 from trainers.data import Prompt, RecipeError, SFTExample, load_prompts
 from trainers.engine import check_new_output, summary
 from trainers.sft import finetune
-
-MANIFEST = "raft_manifest.json"
 
 log = logging.getLogger(__name__)
 
@@ -152,10 +150,7 @@ def readable_window(since: float, until: float) -> str:
 
 def parent_window_end(policy: Path) -> float:
     """Where the previous RAFT run's window ended, so periodic runs need no bookkeeping."""
-    manifest = policy / MANIFEST
-    if manifest.is_file():
-        return float(json.loads(manifest.read_text()).get("window", {}).get("until", 0.0))
-    return 0.0
+    return float(raft_manifest(policy).get("window", {}).get("until", 0.0))
 
 
 def samples_from_log(sample_log: Locations, since: float, until: float) -> list[Sample]:

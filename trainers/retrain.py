@@ -38,7 +38,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from server.checkpoints import checkpoint_dir, newest_checkpoint
+from server.checkpoints import MANIFEST, checkpoint_dir, newest_checkpoint, raft_manifest
 from server.log.sources import shown
 from server.reward import read_reward_model
 from trainers.arguments import retrain_parser, train_args
@@ -46,7 +46,7 @@ from trainers.data import RecipeError, load_prompts
 from trainers.evaluation.estimators import mean_with_interval, win_probabilities
 from trainers.evaluation.measures import measure
 from trainers.evaluation.run import pools_from_models
-from trainers.raft import MANIFEST, Selection, parent_window_end, raft_on_window, samples_from_log
+from trainers.raft import Selection, parent_window_end, raft_on_window, samples_from_log
 
 log = logging.getLogger(__name__)
 
@@ -65,15 +65,10 @@ def round_lock(published: Path) -> Iterator[bool]:
         yield True
 
 
-def read_manifest(checkpoint: Path) -> dict:
-    path = checkpoint / MANIFEST
-    return json.loads(path.read_text()) if path.is_file() else {}
-
-
 def first_policy(checkpoint: Path) -> Path:
     """The start of a chain of RAFT rounds: parents followed while they exist."""
     seen = {checkpoint}
-    while (parent := read_manifest(checkpoint).get("parent", {}).get("path")) and Path(parent).is_dir():
+    while (parent := raft_manifest(checkpoint).get("parent", {}).get("path")) and Path(parent).is_dir():
         checkpoint = Path(parent)
         if checkpoint in seen:
             break
