@@ -222,7 +222,7 @@ def _manifest(parent: Path, args: TrainArgs, rule: Selection, all_samples, kept,
 
 def raft_from_log(
     policy: Path,
-    sample_log: list[str],
+    sample_log: Locations,
     output: Path,
     args: TrainArgs,
     rule: Selection,
